@@ -1,0 +1,54 @@
+"""The broker: delivers a frame to every connection of some users, wherever they are.
+
+In embedded mode every connection is on this node, so :class:`LocalBroker` hands frames
+straight to the Hub. The cluster implementation (Redis) keeps the same interface and
+publishes once per node that holds a recipient.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+
+from kefu.hub import Hub
+from kefu.session import Session
+
+
+class Broker(abc.ABC):
+    @abc.abstractmethod
+    def deliver(
+        self,
+        user_ids: Iterable[str],
+        data: bytes,
+        *,
+        ephemeral: bool = False,
+        received: float = 0.0,
+        exclude: Session | None = None,
+    ) -> None:
+        """Push ``data`` to all connections of ``user_ids`` except ``exclude``.
+
+        Delivery is best effort: chat messages are already stored and clients recover any
+        push they miss by ``sync``.
+        """
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalBroker(Broker):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def deliver(
+        self,
+        user_ids: Iterable[str],
+        data: bytes,
+        *,
+        ephemeral: bool = False,
+        received: float = 0.0,
+        exclude: Session | None = None,
+    ) -> None:
+        self.hub.push(user_ids, data, ephemeral=ephemeral, received=received, exclude=exclude)

@@ -1,0 +1,283 @@
+"""The one configuration object, and the only module that reads the environment.
+
+Sources, later ones winning: built-in defaults < TOML config file < ``KEFU_*`` environment
+variables < command-line flags. Every setting has one flat name (``max_frame_bytes``); in
+the file it sits in its section (``[limits] max_frame_bytes = 65536``), in the environment
+it is ``KEFU_MAX_FRAME_BYTES``, and on the command line ``--set max_frame_bytes=65536``
+(the common ones have their own flags, e.g. ``--port``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kefu.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "KEFU_"
+DEV_SECRET_FILE = "dev-jwt-secret"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds on what one client or one node may use."""
+
+    max_frame_bytes: int = 64 * 1024
+    rate_per_second: float = 20.0
+    rate_burst: int = 40
+    rate_flood_factor: float = 3.0
+    max_connections_per_user: int = 10
+    max_connections: int = 20_000
+    send_queue_frames: int = 1024
+    send_queue_soft_frames: int = 256
+    send_queue_bytes: int = 4 * 1024 * 1024
+    max_page: int = 200
+    max_body_chars: int = 8000
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Durations, in seconds."""
+
+    auth_timeout: float = 10.0
+    heartbeat_interval: float = 30.0
+    heartbeat_misses: int = 3
+    shutdown_grace: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """The embedded SQLite message store."""
+
+    sqlite_synchronous: str = "FULL"
+    commit_max_batch: int = 1000
+    read_threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything a node needs, built once at start-up and passed down."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    node_id: str = dataclasses.field(default_factory=socket.gethostname)
+    jwt_secret: str = ""
+    jwt_secret_source: str = "unset"
+    log_level: str = "INFO"
+    compression: bool = True
+    compression_window_bits: int = 11
+    allowed_origins: tuple[str, ...] = ()
+    use_uvloop: bool = True
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+    store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with flat-named settings changed (``max_frame_bytes=...`` works)."""
+        return build_config(base=self, overrides=changes)
+
+
+_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "timeouts": Timeouts, "store": StoreSettings}
+
+
+def _field_table() -> dict[str, tuple[str | None, Any]]:
+    """Map every flat setting name to (section or None, its type)."""
+    table: dict[str, tuple[str | None, Any]] = {}
+    top_hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name in _SECTIONS or f.name == "jwt_secret_source":
+            continue
+        table[f.name] = (None, top_hints[f.name])
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            table[f.name] = (section, hints[f.name])
+    return table
+
+
+FIELDS = _field_table()
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Turn a value from a file, the environment or a flag into the field's type."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is Path:
+            return Path(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if typing.get_origin(kind) is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if isinstance(kind, types.UnionType):  # pragma: no cover - no such field yet
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {value!r}") from exc
+    raise ConfigError(f"setting {name!r} has unsupported type {kind!r}")  # pragma: no cover
+
+
+def _validate(cfg: Config) -> None:
+    lim, tmo = cfg.limits, cfg.timeouts
+    checks = [
+        (1 <= cfg.port <= 65535 or cfg.port == 0, "port must be 0..65535"),
+        (9 <= cfg.compression_window_bits <= 15, "compression_window_bits must be 9..15"),
+        (lim.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024"),
+        (lim.rate_per_second > 0 and lim.rate_burst >= 1, "rate limits must be positive"),
+        (lim.rate_flood_factor >= 1, "rate_flood_factor must be at least 1"),
+        (lim.max_connections_per_user >= 1, "max_connections_per_user must be positive"),
+        (lim.max_connections >= 1, "max_connections must be positive"),
+        (
+            1 <= lim.send_queue_soft_frames <= lim.send_queue_frames,
+            "need 1 <= send_queue_soft_frames <= send_queue_frames",
+        ),
+        (lim.max_page >= 1, "max_page must be positive"),
+        (tmo.auth_timeout > 0, "auth_timeout must be positive"),
+        (tmo.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 (0 disables)"),
+        (tmo.heartbeat_misses >= 1, "heartbeat_misses must be positive"),
+        (
+            cfg.store.sqlite_synchronous in ("FULL", "NORMAL", "EXTRA"),
+            "sqlite_synchronous must be FULL, NORMAL or EXTRA",
+        ),
+        (cfg.store.commit_max_batch >= 1, "commit_max_batch must be positive"),
+        (cfg.store.read_threads >= 1, "read_threads must be positive"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            raise ConfigError(why)
+
+
+def build_config(
+    *, base: Config | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Apply flat-named overrides to ``base`` (defaults when None) and validate."""
+    cfg = base or Config()
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for name, value in (overrides or {}).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        section, kind = FIELDS[name]
+        coerced = _coerce(name, kind, value)
+        if section is None:
+            top[name] = coerced
+        else:
+            sections[section][name] = coerced
+    for section, changes in sections.items():
+        if changes:
+            top[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    cfg = dataclasses.replace(cfg, **top)
+    _validate(cfg)
+    return cfg
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Flatten a TOML config file into flat-named settings."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            for sub, subvalue in value.items():
+                if FIELDS.get(sub, (None,))[0] != key:
+                    raise ConfigError(f"unknown setting {key}.{sub}")
+                flat[sub] = subvalue
+        else:
+            if key not in FIELDS or FIELDS[key][0] is not None:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            flat[key] = value
+    return flat
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Collect ``KEFU_*`` variables that name a setting; others are ignored."""
+    flat: dict[str, Any] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in FIELDS:
+                flat[name] = value
+    return flat
+
+
+def load(
+    *,
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    resolve_secret: bool = True,
+) -> Config:
+    """Build the node's configuration: defaults < file < environment < flags.
+
+    ``config_file`` may also come from ``KEFU_CONFIG``. When no JWT secret is configured
+    a development secret is generated once and kept in ``data_dir`` (with a loud warning).
+    """
+    env = os.environ if environ is None else environ
+    if config_file is None and env.get("KEFU_CONFIG"):
+        config_file = Path(env["KEFU_CONFIG"])
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(read_file(config_file))
+    merged.update(read_env(env))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    cfg = build_config(overrides=merged)
+    if cfg.jwt_secret:
+        source = "flag" if (flags or {}).get("jwt_secret") else "configured"
+        cfg = dataclasses.replace(cfg, jwt_secret_source=source)
+    elif resolve_secret:
+        cfg = dataclasses.replace(cfg, jwt_secret=dev_secret(cfg.data_dir), jwt_secret_source="dev")
+    return cfg
+
+
+def dev_secret(data_dir: Path) -> str:
+    """Return the development JWT secret kept in ``data_dir``, creating it once."""
+    path = data_dir / DEV_SECRET_FILE
+    try:
+        existing = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return path.read_text(encoding="ascii").strip()
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(secret + "\n")
+    return secret

@@ -1,0 +1,158 @@
+"""Kefu's one exception tree, its error codes and its WebSocket close codes.
+
+Exception tree::
+
+    KefuError
+    ├── ConfigError              bad configuration at start-up (never seen by clients)
+    ├── ProtocolError            a client frame that breaks the wire protocol
+    ├── AuthError                a token that is missing, forged, expired or for someone else
+    ├── Forbidden                an authenticated user reaching what is not theirs
+    ├── NotFound                 an unknown conversation (reported as ``not_found``)
+    ├── LimitExceeded            a bound was hit (rate, connections, queue)
+    └── StoreError               the system of record failed; the operation is retryable
+        └── StoreClosed          the store is shutting down
+
+Every exception that can reach a client carries an :class:`ErrorCode`. The code, not the
+message text, is the contract: it is what docs/protocol.md lists and clients switch on.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Machine-readable codes carried by ``error`` frames (see docs/protocol.md)."""
+
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_OP = "unknown_op"
+    UNAUTHENTICATED = "unauthenticated"
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    INVALID_TOKEN = "invalid_token"
+    TOKEN_EXPIRED = "token_expired"
+    USER_MISMATCH = "user_mismatch"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    CONVERSATION_CLOSED = "conversation_closed"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    RATE_LIMITED = "rate_limited"
+    STORE_UNAVAILABLE = "store_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+#: Codes after which repeating the same request later may succeed.
+RETRYABLE_CODES = frozenset(
+    {
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.STORE_UNAVAILABLE,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.INTERNAL,
+    }
+)
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes.
+
+    Ranges (mirrored in docs/protocol.md):
+
+    * 1000-1015: RFC 6455 codes; 1001, 1011, 1012 and 1013 mean "reconnect".
+    * 4000-4499: Kefu codes after which the client reconnects (with backoff).
+    * 4500-4999: Kefu codes after which the client must NOT reconnect as it is
+      (it needs a new token, a fix, or a user action first).
+    """
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+    HEARTBEAT_TIMEOUT = 4000
+    SLOW_CONSUMER = 4001
+    AUTH_TIMEOUT = 4002
+    RATE_FLOOD = 4003
+    NODE_FULL = 4004
+
+    INVALID_TOKEN = 4500
+    TOKEN_EXPIRED = 4501
+    USER_MISMATCH = 4502
+    ORIGIN_FORBIDDEN = 4503
+    TOO_MANY_CONNECTIONS = 4504
+
+    @property
+    def reconnect(self) -> bool:
+        """Whether a client should reconnect after this close code."""
+        return should_reconnect(int(self))
+
+
+def should_reconnect(code: int) -> bool:
+    """Reconnect policy for any close code, including ones this version does not know."""
+    if 4000 <= code < 4500:
+        return True
+    if 4500 <= code < 5000:
+        return False
+    return code not in (1000, 1002, 1003, 1007, 1008, 1009, 1010)
+
+
+class KefuError(Exception):
+    """Root of every exception Kefu raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str = "", *, code: ErrorCode | None = None) -> None:
+        super().__init__(message or self.__class__.__name__)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_CODES
+
+
+class ConfigError(KefuError):
+    """The configuration is invalid; raised at start-up only."""
+
+
+class ProtocolError(KefuError):
+    """A frame from the peer violates the wire protocol."""
+
+    code = ErrorCode.BAD_FRAME
+
+
+class AuthError(KefuError):
+    """Authentication failed."""
+
+    code = ErrorCode.INVALID_TOKEN
+
+
+class Forbidden(KefuError):
+    code = ErrorCode.FORBIDDEN
+
+
+class NotFound(KefuError):
+    code = ErrorCode.NOT_FOUND
+
+
+class LimitExceeded(KefuError):
+    code = ErrorCode.RATE_LIMITED
+
+
+class StoreError(KefuError):
+    """The system of record could not complete an operation; retry later."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
+class StoreClosed(StoreError):
+    code = ErrorCode.SHUTTING_DOWN

@@ -1,0 +1,120 @@
+"""Prometheus metrics of one node. The registry is passed in, never a global."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class Metrics:
+    """Every counter, gauge and histogram a node exports on /metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "websocket_connections_total",
+            "Open WebSocket connections on this node (a gauge, named as in the source system).",
+            registry=r,
+        )
+        self.connections_opened = Counter(
+            "kefu_connections_opened",
+            "WebSocket connections accepted (before authentication).",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "kefu_connections_closed",
+            "WebSocket connections closed, by close code.",
+            ["code"],
+            registry=r,
+        )
+        self.handshake_rejected = Counter(
+            "kefu_handshake_rejected",
+            "WebSocket upgrades refused before the connection opened, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "kefu_messages",
+            "Chat messages received from clients, by message type and result.",
+            ["type", "result"],
+            registry=r,
+        )
+        self.frames_in = Counter(
+            "kefu_frames_received",
+            "Client frames received, by op.",
+            ["op"],
+            registry=r,
+        )
+        self.pushes = Counter(
+            "kefu_pushes",
+            "Frames pushed to connections, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "kefu_ephemeral_dropped",
+            "Ephemeral frames (typing) dropped for slow consumers.",
+            registry=r,
+        )
+        self.latency = Histogram(
+            "websocket_message_latency_seconds",
+            "From a message's receipt to its push written to a recipient's connection.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "kefu_ack_latency_seconds",
+            "From a message's receipt to its ack written (includes the durable commit).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "kefu_errors",
+            "Error frames sent to clients, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.store_batch_size = Histogram(
+            "kefu_store_batch_size",
+            "Jobs per group-committed store transaction.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.store_commit_seconds = Histogram(
+            "kefu_store_commit_seconds",
+            "Duration of a store batch from BEGIN to COMMIT done.",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "kefu_store_errors",
+            "Store operations that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.send_queue_overflow = Counter(
+            "kefu_send_queue_overflow",
+            "Connections closed because their send queue was full (slow consumers).",
+            registry=r,
+        )
+        self.heartbeat_timeouts = Counter(
+            "kefu_heartbeat_timeouts",
+            "Connections closed after missing heartbeats.",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "kefu_rate_limited",
+            "Frames refused by the per-connection rate limit.",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "kefu_draining",
+            "1 while the node is shutting down and refusing new work.",
+            registry=r,
+        )

@@ -1,0 +1,112 @@
+"""A Kefu node: one constructor that builds every part from the configuration.
+
+The node owns the store, the broker, the Hub, the chat service and the gateway; it runs
+the periodic sweep (heartbeats, authentication deadlines) and the graceful drain. The HTTP
+and WebSocket server around it lives in :mod:`kefu.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from kefu.broker import Broker, LocalBroker
+from kefu.config import Config
+from kefu.errors import CloseCode, StoreError
+from kefu.gateway import Gateway
+from kefu.hub import Hub
+from kefu.metrics import Metrics
+from kefu.protocol import frames as f
+from kefu.service import ChatService
+from kefu.store import MessageStore, create_store
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        store: MessageStore | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = store or create_store(config, self.metrics)
+        self.hub = Hub()
+        self.broker = broker or LocalBroker(self.hub)
+        self.service = ChatService(
+            config, store=self.store, broker=self.broker, metrics=self.metrics
+        )
+        self.gateway = Gateway(config, metrics=self.metrics, hub=self.hub, service=self.service)
+        self._sweeper: asyncio.Task[None] | None = None
+        self.draining = False
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.broker.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        period = max(0.05, min(1.0, self.config.timeouts.heartbeat_interval / 4 or 1.0))
+        period = min(period, self.config.timeouts.auth_timeout / 2)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.gateway.sweep(time.monotonic())
+            except Exception:  # pragma: no cover - a bug must not stop the heartbeats
+                log.exception("sweep failed")
+
+    async def ready(self) -> str | None:
+        """None when ready for traffic, else the reason it is not."""
+        if self.draining:
+            return "draining"
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            return f"store unavailable: {exc}"
+        return None
+
+    async def drain(self) -> None:
+        """Graceful shutdown: refuse new work, finish in-flight messages, close clients.
+
+        Every message already handed to the store is committed and acknowledged before
+        the clients are closed with 1012 (service restart: reconnect elsewhere).
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self.service.draining = True
+        self.gateway.draining = True
+        self.metrics.draining.set(1)
+        grace = self.config.timeouts.shutdown_grace
+        deadline = time.monotonic() + grace
+        if not await self.service.wait_idle(grace):
+            log.warning(
+                "drain: %d messages still in flight after %.1fs", self.service.inflight, grace
+            )
+        notice = f.Notice(code="draining", text="this node is restarting: reconnect")
+        sessions = list(self.gateway.sessions.values())
+        for session in sessions:
+            session.send(notice)
+        remaining = max(0.1, deadline - time.monotonic())
+        await asyncio.gather(
+            *(
+                s.close(CloseCode.SERVICE_RESTART, "node restarting", flush=remaining)
+                for s in sessions
+            ),
+            return_exceptions=True,
+        )
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.broker.close()
+        await self.store.close()

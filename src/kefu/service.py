@@ -1,0 +1,347 @@
+"""Chat operations on conversations: authorise, store, reply, push.
+
+The service knows nothing of sockets: it receives validated requests from the gateway
+with the :class:`Session` that sent them, talks to the store and the broker, and queues
+replies on the session. Every operation is authorised here, by role:
+
+* a customer reaches only conversations where they are the customer;
+* an agent only conversations assigned to them;
+* an admin every conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from kefu import ids
+from kefu.broker import Broker
+from kefu.config import Config
+from kefu.errors import (
+    RETRYABLE_CODES,
+    ErrorCode,
+    Forbidden,
+    KefuError,
+    NotFound,
+    ProtocolError,
+    StoreError,
+)
+from kefu.metrics import Metrics
+from kefu.model import Conversation, ConversationState, NewMessage, Principal, Role, StoredMessage
+from kefu.protocol import frames as f
+from kefu.protocol.server import encode, error_frame
+from kefu.session import Session
+from kefu.store.base import MessageStore
+
+log = logging.getLogger(__name__)
+
+
+def message_frame(message: StoredMessage) -> f.Message:
+    return f.Message(
+        conv=message.conv,
+        seq=message.seq,
+        msg_id=message.msg_id,
+        sender=message.sender,
+        sender_role=message.sender_role,
+        type=message.type,
+        body=msgspec.Raw(message.body),
+        ts=message.ts,
+        client_msg_id=message.client_msg_id or "",
+    )
+
+
+def conversation_info(conv: Conversation, last_seq: int, read_seq: int = 0) -> f.ConversationInfo:
+    return f.ConversationInfo(
+        conv=conv.id,
+        customer=conv.customer_id,
+        state=conv.state.value,
+        last_seq=last_seq,
+        read_seq=read_seq,
+        agent=conv.agent_id,
+        group=conv.group_id,
+        created_at=conv.created_at,
+    )
+
+
+def can_read(principal: Principal, conv: Conversation) -> bool:
+    if principal.role is Role.ADMIN:
+        return True
+    if principal.role is Role.CUSTOMER:
+        return conv.customer_id == principal.user_id
+    return conv.agent_id == principal.user_id
+
+
+class ChatService:
+    def __init__(
+        self, config: Config, *, store: MessageStore, broker: Broker, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.metrics = metrics
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- authorisation --------------------------------------------------------------------
+
+    async def _conversation(self, principal: Principal, conv_id: str) -> Conversation:
+        conv = await self.store.get_conversation(conv_id)
+        # The same answer for "absent" and "not yours": ids of others are not probed.
+        if conv is None or not can_read(principal, conv):
+            if conv is not None:
+                raise Forbidden(f"conversation {conv_id!r} is not yours")
+            raise NotFound(f"conversation {conv_id!r} does not exist")
+        return conv
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def handle(self, session: Session, request: f.ClientRequest) -> None:
+        """Serve one authenticated request; errors become error frames on the session."""
+        try:
+            if isinstance(request, f.Send):
+                await self.send(session, request)
+            elif isinstance(request, f.Sync):
+                await self.sync(session, request)
+            elif isinstance(request, f.History):
+                await self.history(session, request)
+            elif isinstance(request, f.Read):
+                await self.read(session, request)
+            elif isinstance(request, f.Typing):
+                await self.typing(session, request)
+            elif isinstance(request, f.Ping):
+                session.send(f.Pong(ts=ids.now_ms(), id=request.id))
+            elif isinstance(request, f.Open):
+                await self.open(session, request)
+            elif isinstance(request, f.ListConversations):
+                await self.list_conversations(session, request)
+            else:  # pragma: no cover - the protocol only yields the ops above
+                raise ProtocolError(f"unexpected request {type(request).__name__}")
+        except KefuError as exc:
+            self.reply_error(session, exc.code, exc.message, request.id)
+
+    def reply_error(
+        self,
+        session: Session,
+        code: ErrorCode,
+        message: str,
+        request_id: f.RequestId | None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        self.metrics.errors.labels(code=code.value).inc()
+        retryable = code in RETRYABLE_CODES
+        session.send(
+            error_frame(
+                code, message, request_id=request_id, retryable=retryable, retry_after=retry_after
+            )
+        )
+
+    # -- send -----------------------------------------------------------------------------
+
+    async def send(self, session: Session, request: f.Send) -> None:
+        received = time.perf_counter()
+        principal = session.principal
+        assert principal is not None
+        if self.draining:
+            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            raise KefuError(
+                "node is shutting down: reconnect and resend", code=ErrorCode.SHUTTING_DOWN
+            )
+        try:
+            conv = await self._conversation(principal, request.conv)
+        except KefuError:
+            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            raise
+        if conv.state is ConversationState.CLOSED:
+            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            raise KefuError(
+                f"conversation {conv.id!r} is closed", code=ErrorCode.CONVERSATION_CLOSED
+            )
+        message = NewMessage(
+            conv=conv.id,
+            sender=principal.user_id,
+            sender_role=principal.role,
+            client_msg_id=request.client_msg_id,
+            type=request.type,
+            body=bytes(request.body),
+        )
+        try:
+            future = self.store.submit(message)
+        except StoreError:
+            self.metrics.messages.labels(type=request.type, result="failed").inc()
+            raise
+        self._begin()
+        future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
+
+    def _stored(
+        self,
+        future: asyncio.Future[StoredMessage],
+        session: Session,
+        request: f.Send,
+        conv: Conversation,
+        received: float,
+    ) -> None:
+        try:
+            exc = future.exception()
+            if exc is not None:
+                self.metrics.messages.labels(type=request.type, result="failed").inc()
+                code = exc.code if isinstance(exc, KefuError) else ErrorCode.STORE_UNAVAILABLE
+                if not isinstance(exc, KefuError):
+                    log.error("append failed unexpectedly", exc_info=exc)
+                self.reply_error(session, code, f"not stored: {exc}; resend later", request.id)
+                return
+            stored = future.result()
+            session.send(
+                f.Ack(
+                    id=request.id,
+                    conv=stored.conv,
+                    client_msg_id=request.client_msg_id,
+                    msg_id=stored.msg_id,
+                    seq=stored.seq,
+                    ts=stored.ts,
+                    duplicate=stored.duplicate,
+                )
+            )
+            self.metrics.ack_latency.observe(time.perf_counter() - received)
+            if stored.duplicate:
+                self.metrics.messages.labels(type=request.type, result="duplicate").inc()
+                return
+            self.metrics.messages.labels(type=request.type, result="stored").inc()
+            self.metrics.pushes.labels(kind="message").inc()
+            self.broker.deliver(
+                conv.participants(),
+                encode(message_frame(stored)),
+                received=received,
+                exclude=session,
+            )
+        finally:
+            self._end()
+
+    def _begin(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted message has been acked or failed."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def sync(self, session: Session, request: f.Sync) -> None:
+        assert session.principal is not None
+        await self._conversation(session.principal, request.conv)
+        limit = min(request.limit, self.config.limits.max_page)
+        rows = await self.store.messages_after(request.conv, request.after_seq, limit + 1)
+        session.send(self._page(request.conv, rows, limit, request.id, newest_last=True))
+
+    async def history(self, session: Session, request: f.History) -> None:
+        assert session.principal is not None
+        await self._conversation(session.principal, request.conv)
+        limit = min(request.limit, self.config.limits.max_page)
+        rows = await self.store.messages_before(request.conv, request.before_seq, limit + 1)
+        session.send(self._page(request.conv, rows, limit, request.id, newest_last=False))
+
+    @staticmethod
+    def _page(
+        conv: str, rows: list[StoredMessage], limit: int, request_id: Any, *, newest_last: bool
+    ) -> f.Messages:
+        has_more = len(rows) > limit
+        if has_more:
+            # sync pages forward (drop the newest extra), history pages back (drop the oldest)
+            rows = rows[:limit] if newest_last else rows[1:]
+        return f.Messages(
+            id=request_id,
+            conv=conv,
+            messages=[message_frame(m) for m in rows],
+            has_more=has_more,
+            last_seq=rows[-1].seq if rows else 0,
+        )
+
+    async def list_conversations(self, session: Session, request: f.ListConversations) -> None:
+        assert session.principal is not None
+        items = await self.store.list_conversations(
+            session.principal.user_id, limit=self.config.limits.max_page
+        )
+        session.send(
+            f.Conversations(
+                id=request.id,
+                conversations=[
+                    conversation_info(s.conversation, s.last_seq, s.read_seq) for s in items
+                ],
+            )
+        )
+
+    # -- receipts and typing --------------------------------------------------------------
+
+    async def read(self, session: Session, request: f.Read) -> None:
+        principal = session.principal
+        assert principal is not None
+        conv = await self._conversation(principal, request.conv)
+        last = await self.store.last_seq(conv.id)
+        mark = await self.store.mark_read(conv.id, principal.user_id, min(request.seq, last))
+        session.send(f.Ok(id=request.id))
+        self.metrics.pushes.labels(kind="read").inc()
+        self.broker.deliver(
+            conv.participants(),
+            encode(f.ReadReceipt(conv=conv.id, user=principal.user_id, seq=mark)),
+            exclude=session,
+        )
+
+    async def typing(self, session: Session, request: f.Typing) -> None:
+        principal = session.principal
+        assert principal is not None
+        conv = await self._conversation(principal, request.conv)
+        others = [u for u in conv.participants() if u != principal.user_id]
+        self.metrics.pushes.labels(kind="typing").inc()
+        self.broker.deliver(
+            others, encode(f.TypingNotice(conv=conv.id, user=principal.user_id)), ephemeral=True
+        )
+
+    # -- conversations --------------------------------------------------------------------
+
+    async def open(self, session: Session, request: f.Open) -> None:
+        principal = session.principal
+        assert principal is not None
+        if self.draining:
+            raise KefuError("node is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        if request.context is not None and request.context_type is None:
+            raise ProtocolError("context needs context_type (order_card or listing_card)")
+        agent_id: str | None = None
+        if principal.role is Role.CUSTOMER:
+            if request.customer_id not in (None, principal.user_id):
+                raise Forbidden("customers open conversations for themselves only")
+            customer_id = principal.user_id
+        else:
+            if request.customer_id is None:
+                raise ProtocolError("agents and admins must name customer_id")
+            customer_id = request.customer_id
+            if principal.role is Role.AGENT:
+                agent_id = principal.user_id
+        context = None if request.context is None else msgspec.json.encode(request.context)
+        conv = await self.store.create_conversation(
+            customer_id=customer_id,
+            agent_id=agent_id,
+            group_id=request.group,
+            context_type=request.context_type if context is not None else None,
+            context=context,
+        )
+        info = conversation_info(conv, 0)
+        session.send(f.Conversation(id=request.id, conversation=info))
+        self.broker.deliver(
+            conv.participants(), encode(f.Conversation(conversation=info)), exclude=session
+        )

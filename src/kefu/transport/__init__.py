@@ -1,0 +1,1 @@
+"""WebSocket transports: the seam between bytes on a socket and Kefu sessions."""

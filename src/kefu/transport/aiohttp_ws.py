@@ -1,0 +1,144 @@
+"""The aiohttp WebSocket adapter: moves frames between an aiohttp socket and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, hdrs, web
+from aiohttp.http_websocket import WebSocketError, ws_ext_gen
+
+from kefu.errors import CloseCode
+from kefu.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+#: How long a close handshake may take before the socket is simply dropped.
+CLOSE_TIMEOUT = 2.0
+
+
+class KefuWebSocketResponse(web.WebSocketResponse):
+    """A WebSocketResponse whose permessage-deflate window is capped.
+
+    aiohttp answers a client's permessage-deflate offer with the client's window size
+    (32 KiB by default), and a deflate stream's memory grows with its window: at 15 bits a
+    compressor holds about 256 KiB. Answering with a smaller ``server_max_window_bits``
+    (allowed by RFC 7692 section 7.1.2.1) keeps compression affordable per connection.
+    """
+
+    def __init__(self, *, window_bits: int = 15, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._window_bits = window_bits
+
+    def _handshake(self, request: Any) -> Any:
+        headers, protocol, compress, notakeover = super()._handshake(request)
+        if compress and compress > self._window_bits:
+            compress = self._window_bits
+            headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = ws_ext_gen(
+                compress=compress, isserver=True, server_notakeover=notakeover
+            )
+        return headers, protocol, compress, notakeover
+
+
+class AiohttpTransport:
+    """:class:`kefu.transport.base.Transport` over an aiohttp WebSocketResponse."""
+
+    __slots__ = ("_closing", "_raw", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, raw: asyncio.BaseTransport | None) -> None:
+        self.ws = ws
+        self._raw = raw
+        self._closing: asyncio.Task[None] | None = None
+
+    async def send_text(self, data: bytes) -> None:
+        await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    async def ping(self) -> None:
+        await self.ws.ping()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self.ws.close(code=code, message=reason.encode("utf-8")[:120]), CLOSE_TIMEOUT
+            )
+        except (TimeoutError, ConnectionError, RuntimeError):
+            # The peer does not read (or is gone): drop the socket.
+            if isinstance(self._raw, asyncio.WriteTransport):
+                self._raw.abort()
+
+    async def wait_closed(self) -> None:
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._closing)
+
+
+def _bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return None
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    gateway: Gateway = request.app[GATEWAY_KEY]
+    config = gateway.config
+    ws = KefuWebSocketResponse(
+        window_bits=config.compression_window_bits,
+        compress=config.compression,
+        max_msg_size=config.limits.max_frame_bytes,
+        autoping=False,
+        decode_text=False,
+        timeout=CLOSE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    transport = AiohttpTransport(ws, request.transport)
+    session = gateway.new_session(transport)
+    try:
+        await gateway.connect(
+            session,
+            user_id=request.query.get("user_id"),
+            token=request.query.get("token") or _bearer(request.headers.get(hdrs.AUTHORIZATION)),
+            origin=request.headers.get(hdrs.ORIGIN),
+        )
+        while not session.closing:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                await gateway.on_text(session, msg.data)
+            elif kind is WSMsgType.BINARY:
+                await gateway.on_binary(session, msg.data)
+            elif kind is WSMsgType.PING:
+                gateway.on_pong(session)
+                await ws.pong(msg.data)
+            elif kind is WSMsgType.PONG:
+                gateway.on_pong(session)
+            elif kind is WSMsgType.ERROR:
+                exc = ws.exception()
+                too_big = isinstance(exc, WebSocketError) and exc.code == 1009
+                code = CloseCode.MESSAGE_TOO_BIG if too_big else CloseCode.PROTOCOL_ERROR
+                reason = "frame too large" if too_big else "websocket protocol error"
+                gateway.metrics.errors.labels(
+                    code="frame_too_large" if too_big else "ws_error"
+                ).inc()
+                await session.close(code, reason)
+                break
+            else:  # CLOSE, CLOSING, CLOSED
+                break
+    except ConnectionError:
+        pass
+    finally:
+        session.closed()
+        await transport.wait_closed()
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT)
+    return ws
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
