@@ -123,10 +123,12 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if kind is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if kind is Path:
             return Path(value)

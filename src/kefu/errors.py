@@ -9,8 +9,11 @@ Exception tree::
     ├── Forbidden                an authenticated user reaching what is not theirs
     ├── NotFound                 an unknown conversation (reported as ``not_found``)
     ├── LimitExceeded            a bound was hit (rate, connections, queue)
-    └── StoreError               the system of record failed; the operation is retryable
-        └── StoreClosed          the store is shutting down
+    ├── StoreError               the system of record failed; the operation is retryable
+    │   └── StoreClosed          the store is shutting down
+    └── ClientError              raised by kefu.client
+        ├── RemoteError          the server answered a request with an error frame
+        └── ConnectionClosed     the connection ended and will not be re-established
 
 Every exception that can reach a client carries an :class:`ErrorCode`. The code, not the
 message text, is the contract: it is what docs/protocol.md lists and clients switch on.
@@ -37,6 +40,8 @@ class ErrorCode(enum.StrEnum):
     CONVERSATION_CLOSED = "conversation_closed"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    NODE_FULL = "node_full"
     STORE_UNAVAILABLE = "store_unavailable"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
@@ -46,6 +51,7 @@ class ErrorCode(enum.StrEnum):
 RETRYABLE_CODES = frozenset(
     {
         ErrorCode.RATE_LIMITED,
+        ErrorCode.NODE_FULL,
         ErrorCode.STORE_UNAVAILABLE,
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.INTERNAL,
@@ -68,6 +74,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -156,3 +163,28 @@ class StoreError(KefuError):
 
 class StoreClosed(StoreError):
     code = ErrorCode.SHUTTING_DOWN
+
+
+class ClientError(KefuError):
+    """Raised by :mod:`kefu.client`."""
+
+
+class RemoteError(ClientError):
+    """The server answered with an ``error`` frame; ``code`` is its error code."""
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+        try:
+            known: ErrorCode | None = ErrorCode(code)
+        except ValueError:
+            known = None
+        super().__init__(message, code=known or ErrorCode.INTERNAL)
+        self.raw_code = code
+        self.retry_after = retry_after
+
+
+class ConnectionClosed(ClientError):
+    """The connection closed with a code after which the client does not reconnect."""
+
+    def __init__(self, close_code: int | None, message: str = "") -> None:
+        super().__init__(message or f"connection closed ({close_code})")
+        self.close_code = close_code

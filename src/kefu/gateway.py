@@ -89,7 +89,7 @@ class Gateway:
             await self._refuse(
                 session,
                 CloseCode.NODE_FULL,
-                ErrorCode.SHUTTING_DOWN,
+                ErrorCode.NODE_FULL,
                 "node is full: reconnect later or elsewhere",
             )
             return
@@ -113,6 +113,8 @@ class Gateway:
         message: str,
         request_id: f.RequestId | None = None,
     ) -> None:
+        if session.principal is None:
+            self.metrics.refused.labels(reason=close.name.lower()).inc()
         self.service.reply_error(session, code, message, request_id)
         await session.close(close, message, flush=1.0)
 
@@ -143,7 +145,7 @@ class Gateway:
             await self._refuse(
                 session,
                 CloseCode.TOO_MANY_CONNECTIONS,
-                ErrorCode.FORBIDDEN,
+                ErrorCode.TOO_MANY_CONNECTIONS,
                 "too many connections for this user: close another first",
                 request_id,
             )
@@ -158,6 +160,7 @@ class Gateway:
                 session=session.id,
                 node=self.config.node_id,
                 heartbeat=self.config.timeouts.heartbeat_interval,
+                protocol=f.PROTOCOL_VERSION,
             )
         )
 

@@ -33,9 +33,9 @@ class Metrics:
             ["code"],
             registry=r,
         )
-        self.handshake_rejected = Counter(
-            "kefu_handshake_rejected",
-            "WebSocket upgrades refused before the connection opened, by reason.",
+        self.refused = Counter(
+            "kefu_connections_refused",
+            "Connections refused at the upgrade or at authentication, by reason.",
             ["reason"],
             registry=r,
         )

@@ -22,7 +22,6 @@ from kefu import ids
 from kefu.broker import Broker
 from kefu.config import Config
 from kefu.errors import (
-    RETRYABLE_CODES,
     ErrorCode,
     Forbidden,
     KefuError,
@@ -64,6 +63,8 @@ def conversation_info(conv: Conversation, last_seq: int, read_seq: int = 0) -> f
         agent=conv.agent_id,
         group=conv.group_id,
         created_at=conv.created_at,
+        context_type=conv.context_type,
+        context=None if conv.context is None else msgspec.Raw(conv.context),
     )
 
 
@@ -92,11 +93,10 @@ class ChatService:
 
     async def _conversation(self, principal: Principal, conv_id: str) -> Conversation:
         conv = await self.store.get_conversation(conv_id)
-        # The same answer for "absent" and "not yours": ids of others are not probed.
-        if conv is None or not can_read(principal, conv):
-            if conv is not None:
-                raise Forbidden(f"conversation {conv_id!r} is not yours")
+        if conv is None:
             raise NotFound(f"conversation {conv_id!r} does not exist")
+        if not can_read(principal, conv):
+            raise Forbidden(f"conversation {conv_id!r} is not yours")
         return conv
 
     # -- dispatch -------------------------------------------------------------------------
@@ -124,6 +124,9 @@ class ChatService:
                 raise ProtocolError(f"unexpected request {type(request).__name__}")
         except KefuError as exc:
             self.reply_error(session, exc.code, exc.message, request.id)
+        except Exception:  # a bug must cost one request, not the connection
+            log.exception("request %s failed", type(request).__name__)
+            self.reply_error(session, ErrorCode.INTERNAL, "internal error", request.id)
 
     def reply_error(
         self,
@@ -135,12 +138,7 @@ class ChatService:
         retry_after: float | None = None,
     ) -> None:
         self.metrics.errors.labels(code=code.value).inc()
-        retryable = code in RETRYABLE_CODES
-        session.send(
-            error_frame(
-                code, message, request_id=request_id, retryable=retryable, retry_after=retry_after
-            )
-        )
+        session.send(error_frame(code, message, request_id=request_id, retry_after=retry_after))
 
     # -- send -----------------------------------------------------------------------------
 
@@ -197,6 +195,19 @@ class ChatService:
                 self.reply_error(session, code, f"not stored: {exc}; resend later", request.id)
                 return
             stored = future.result()
+            if stored.duplicate and (stored.type, stored.body) != (
+                request.type,
+                bytes(request.body),
+            ):
+                self.metrics.messages.labels(type=request.type, result="rejected").inc()
+                self.reply_error(
+                    session,
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
+                    f"client_msg_id {request.client_msg_id!r} was used for another message "
+                    f"(seq {stored.seq})",
+                    request.id,
+                )
+                return
             session.send(
                 f.Ack(
                     id=request.id,
@@ -256,14 +267,30 @@ class ChatService:
         rows = await self.store.messages_before(request.conv, request.before_seq, limit + 1)
         session.send(self._page(request.conv, rows, limit, request.id, newest_last=False))
 
-    @staticmethod
     def _page(
-        conv: str, rows: list[StoredMessage], limit: int, request_id: Any, *, newest_last: bool
+        self,
+        conv: str,
+        rows: list[StoredMessage],
+        limit: int,
+        request_id: Any,
+        *,
+        newest_last: bool,
     ) -> f.Messages:
         has_more = len(rows) > limit
         if has_more:
             # sync pages forward (drop the newest extra), history pages back (drop the oldest)
             rows = rows[:limit] if newest_last else rows[1:]
+        # A page is one frame: keep it well inside the connection's send queue.
+        budget = self.config.limits.send_queue_bytes // 2
+        size = 0
+        ordered = rows if newest_last else rows[::-1]
+        for count, row in enumerate(ordered):
+            size += len(row.body) + 256
+            if size > budget and count > 0:
+                kept = ordered[:count]
+                rows = kept if newest_last else kept[::-1]
+                has_more = True
+                break
         return f.Messages(
             id=request_id,
             conv=conv,

@@ -193,7 +193,7 @@ class Session:
         if writer is not None and not writer.done():
             writer.cancel()
         try:
-            await self.transport.close(int(code), reason[:120])
+            await self.transport.close(int(code), _clip(reason))
         except (ConnectionError, RuntimeError) as exc:
             log.debug("session %s: close failed: %r", self.id, exc)
         self.closed()
@@ -205,6 +205,11 @@ class Session:
         self.outbox_bytes = 0
         callback, self._on_closed = self._on_closed, _noop
         callback(self)
+
+
+def _clip(reason: str, limit: int = 120) -> str:
+    """A close reason fits in 123 bytes of UTF-8: cut on a character boundary."""
+    return reason.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def _noop(session: Session) -> None:

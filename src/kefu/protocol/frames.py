@@ -140,7 +140,7 @@ class Hello(ServerFrame, tag="hello"):
     session: str
     node: str
     heartbeat: float
-    protocol: int = PROTOCOL_VERSION
+    protocol: int
 
 
 class Ack(ServerFrame, tag="ack"):
@@ -156,7 +156,7 @@ class Ack(ServerFrame, tag="ack"):
 class Error(ServerFrame, tag="error"):
     code: str
     message: str
-    retryable: bool = False
+    retryable: bool
     id: RequestId | None = None
     retry_after: float | None = None
 
@@ -217,6 +217,8 @@ class ConversationInfo(msgspec.Struct, omit_defaults=True):
     agent: str | None = None
     group: str | None = None
     created_at: int = 0
+    context_type: str | None = None
+    context: msgspec.Raw | None = None
 
 
 class Conversation(ServerFrame, tag="conversation"):

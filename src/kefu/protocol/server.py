@@ -14,7 +14,7 @@ import enum
 
 import msgspec
 
-from kefu.errors import CloseCode, ErrorCode
+from kefu.errors import RETRYABLE_CODES, CloseCode, ErrorCode
 from kefu.protocol import frames as f
 
 _request_decoder = msgspec.json.Decoder(f.ClientRequest)
@@ -63,13 +63,14 @@ def error_frame(
     message: str,
     *,
     request_id: f.RequestId | None = None,
-    retryable: bool = False,
+    retryable: bool | None = None,
     retry_after: float | None = None,
 ) -> f.Error:
+    """An error frame; ``retryable`` defaults to what the code implies."""
     return f.Error(
         code=code.value,
         message=message,
-        retryable=retryable,
+        retryable=code in RETRYABLE_CODES if retryable is None else retryable,
         id=request_id,
         retry_after=retry_after,
     )
@@ -104,6 +105,14 @@ class ServerConnection:
             return self._invalid(data, str(exc))
         except msgspec.DecodeError as exc:
             return Rejected(error_frame(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}"))
+        except UnicodeDecodeError:
+            # RFC 6455 section 8.1: a text message that is not UTF-8 fails the connection.
+            return Rejected(
+                error_frame(ErrorCode.BAD_JSON, "text frame is not valid UTF-8"),
+                close=CloseCode.INVALID_PAYLOAD,
+            )
+        except RecursionError:
+            return Rejected(error_frame(ErrorCode.BAD_FRAME, "JSON nested too deeply"))
         if self.state is State.AWAITING_AUTH and not isinstance(request, _PRE_AUTH_OPS):
             return Rejected(
                 error_frame(
@@ -144,7 +153,7 @@ class ServerConnection:
     def _invalid(self, data: bytes | str, reason: str) -> Rejected:
         try:
             envelope = _envelope_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return Rejected(
                 error_frame(ErrorCode.BAD_FRAME, f"frame must be a JSON object: {reason}")
             )
@@ -174,7 +183,12 @@ class ServerConnection:
     def _check_send(self, request: f.Send) -> Event:
         try:
             body = _body_decoders[request.type].decode(request.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (
+            msgspec.ValidationError,
+            msgspec.DecodeError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as exc:
             return Rejected(
                 error_frame(
                     ErrorCode.BAD_FRAME,

@@ -66,7 +66,7 @@ class AiohttpTransport:
     async def _close(self, code: int, reason: str) -> None:
         try:
             await asyncio.wait_for(
-                self.ws.close(code=code, message=reason.encode("utf-8")[:120]), CLOSE_TIMEOUT
+                self.ws.close(code=code, message=reason.encode("utf-8")), CLOSE_TIMEOUT
             )
         except (TimeoutError, ConnectionError, RuntimeError):
             # The peer does not read (or is gone): drop the socket.
@@ -96,7 +96,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         decode_text=False,
         timeout=CLOSE_TIMEOUT,
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except web.HTTPException:
+        gateway.metrics.refused.labels(reason="not_websocket").inc()
+        raise
     transport = AiohttpTransport(ws, request.transport)
     session = gateway.new_session(transport)
     try:
@@ -132,6 +136,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 break
     except ConnectionError:
         pass
+    except Exception:  # a bug: tell the client to come back, keep serving the others
+        log.exception("connection %s failed", session.id)
+        await session.close(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
         session.closed()
         await transport.wait_closed()

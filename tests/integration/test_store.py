@@ -1,0 +1,161 @@
+"""The message-store contract, run against every store implementation.
+
+Today that is the embedded SQLite store; the cluster issue adds PostgreSQL to ``STORES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from kefu.errors import NotFound, StoreClosed
+from kefu.metrics import Metrics
+from kefu.model import NewMessage, Role
+from kefu.store.base import MessageStore
+from kefu.store.sqlite import SQLiteStore
+
+StoreFactory = Callable[[Path, Metrics], MessageStore]
+
+STORES: dict[str, StoreFactory] = {
+    "sqlite": lambda path, metrics: SQLiteStore(path / "kefu.sqlite3", metrics=metrics),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    return STORES[request.param]
+
+
+@pytest.fixture
+async def store(factory: StoreFactory, tmp_path: Path) -> AsyncIterator[MessageStore]:
+    s = factory(tmp_path, Metrics())
+    await s.start()
+    yield s
+    await s.close()
+
+
+def msg(conv: str, n: int, sender: str = "cust", cmid: str | None = None) -> NewMessage:
+    return NewMessage(
+        conv=conv,
+        sender=sender,
+        sender_role=Role.CUSTOMER,
+        client_msg_id=cmid if cmid is not None else f"{sender}-{n}",
+        type="text",
+        body=f'{{"text":"m{n}"}}'.encode(),
+    )
+
+
+async def test_seq_is_contiguous_under_concurrent_appends(store: MessageStore) -> None:
+    convs = [(await store.create_conversation(customer_id=f"c{i}")).id for i in range(5)]
+    futures = [store.submit(msg(conv, n)) for n in range(200) for conv in convs]
+    results = await asyncio.gather(*futures)
+    for conv in convs:
+        seqs = [r.seq for r in results if r.conv == conv]
+        # submission order is seq order, per conversation
+        assert seqs == list(range(1, 201))
+        assert await store.last_seq(conv) == 200
+        stored = await store.messages_after(conv, 0, 1000)
+        assert [m.seq for m in stored] == list(range(1, 201))
+        assert [m.client_msg_id for m in stored] == [f"cust-{n}" for n in range(200)]
+
+
+async def test_group_commit_batches_concurrent_appends(tmp_path: Path, factory: StoreFactory) -> None:
+    metrics = Metrics()
+    store = factory(tmp_path, metrics)
+    await store.start()
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        await asyncio.gather(*(store.submit(msg(conv, n)) for n in range(500)))
+    finally:
+        await store.close()
+    batches = metrics.registry.get_sample_value("kefu_store_batch_size_count") or 0
+    jobs = metrics.registry.get_sample_value("kefu_store_batch_size_sum") or 0
+    assert jobs == 501  # 500 appends + 1 create
+    assert batches < 100, f"{batches} transactions for 500 concurrent appends: not batched"
+
+
+async def test_resend_is_idempotent_even_in_one_batch(store: MessageStore) -> None:
+    conv = (await store.create_conversation(customer_id="c")).id
+    first, again, other = await asyncio.gather(
+        store.submit(msg(conv, 1, cmid="same")),
+        store.submit(msg(conv, 1, cmid="same")),
+        store.submit(msg(conv, 2, sender="agent", cmid="same")),  # other sender: not a dup
+    )
+    assert not first.duplicate and again.duplicate
+    assert (again.seq, again.msg_id) == (first.seq, first.msg_id)
+    assert not other.duplicate and other.seq == 2
+    later = await store.append(msg(conv, 1, cmid="same"))
+    assert later.duplicate and later.seq == first.seq
+    assert len(await store.messages_after(conv, 0, 10)) == 2
+
+
+async def test_unknown_conversation_fails_alone(store: MessageStore) -> None:
+    conv = (await store.create_conversation(customer_id="c")).id
+    good = store.submit(msg(conv, 1))
+    bad = store.submit(msg("no-such-conversation", 1))
+    good2 = store.submit(msg(conv, 2))
+    assert (await good).seq == 1
+    with pytest.raises(NotFound):
+        await bad
+    assert (await good2).seq == 2  # the batch was retried job by job: no seq was burnt
+    assert [m.seq for m in await store.messages_after(conv, 0, 10)] == [1, 2]
+
+
+async def test_paging_and_read_marks(store: MessageStore) -> None:
+    conv = await store.create_conversation(customer_id="c", agent_id="a", group_id="g")
+    assert conv.participants() == ("c", "a")
+    for n in range(10):
+        await store.append(msg(conv.id, n))
+    assert [m.seq for m in await store.messages_after(conv.id, 3, 4)] == [4, 5, 6, 7]
+    assert [m.seq for m in await store.messages_before(conv.id, None, 3)] == [8, 9, 10]
+    assert [m.seq for m in await store.messages_before(conv.id, 4, 10)] == [1, 2, 3]
+    assert await store.mark_read(conv.id, "a", 5) == 5
+    assert await store.mark_read(conv.id, "a", 2) == 5  # never lowered
+    listed = await store.list_conversations("a", limit=10)
+    assert [(s.conversation.id, s.last_seq, s.read_seq) for s in listed] == [(conv.id, 10, 5)]
+    assert await store.list_conversations("nobody", limit=10) == []
+    assert (await store.get_conversation(conv.id)) == conv
+    assert await store.get_conversation("missing") is None
+
+
+async def test_committed_data_survives_reopen(tmp_path: Path, factory: StoreFactory) -> None:
+    store = factory(tmp_path, Metrics())
+    await store.start()
+    conv = (await store.create_conversation(customer_id="c")).id
+    acked = [await store.append(msg(conv, n)) for n in range(3)]
+    await store.close()
+    with pytest.raises(StoreClosed):
+        store.submit(msg(conv, 9))
+
+    reopened = factory(tmp_path, Metrics())
+    await reopened.start()
+    try:
+        assert [m.msg_id for m in await reopened.messages_after(conv, 0, 10)] == [
+            a.msg_id for a in acked
+        ]
+        # the seq counter continues from the database, not from zero
+        assert (await reopened.append(msg(conv, 3))).seq == 4
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_counter_reseeds_from_rows(tmp_path: Path) -> None:
+    """Even if the conversation row's last_seq lags the messages, seq never repeats."""
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    await store.start()
+    conv = (await store.create_conversation(customer_id="c")).id
+    for n in range(3):
+        await store.append(msg(conv, n))
+    await store.close()
+    with sqlite3.connect(tmp_path / "kefu.sqlite3") as db:
+        db.execute("UPDATE conversations SET last_seq = 0 WHERE id = ?", (conv,))
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    await store.start()
+    try:
+        assert (await store.append(msg(conv, 3))).seq == 4
+    finally:
+        await store.close()
