@@ -159,3 +159,23 @@ async def test_sqlite_counter_reseeds_from_rows(tmp_path: Path) -> None:
         assert (await store.append(msg(conv, 3))).seq == 4
     finally:
         await store.close()
+
+
+async def test_sqlite_bounded_caches_stay_correct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With caches of 2 entries, seqs over 6 conversations still continue correctly."""
+    import kefu.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CACHE_SIZE", 2)
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    await store.start()
+    try:
+        convs = [(await store.create_conversation(customer_id=f"c{i}")).id for i in range(6)]
+        for round_ in range(3):
+            for conv in convs:
+                assert (await store.append(msg(conv, round_))).seq == round_ + 1
+        assert len(store._conversations) <= 2
+        assert all((await store.get_conversation(c)) is not None for c in convs)
+    finally:
+        await store.close()

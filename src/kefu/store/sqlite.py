@@ -17,6 +17,7 @@ would give each statement its own thread hop and could not batch commits.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+#: Most conversations whose row and seq counter are kept in memory.
+CACHE_SIZE = 100_000
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS conversations (
@@ -156,7 +159,8 @@ class SQLiteStore(MessageStore):
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=read_threads, thread_name_prefix="kefu-store-read"
         )
-        self._conversations: dict[str, Conversation] = {}
+        # Bounded caches: conversation rows (event loop) and seq counters (writer thread).
+        self._conversations: collections.OrderedDict[str, Conversation] = collections.OrderedDict()
         # Writer-thread state: next seq per conversation (absent = read from the database).
         self._last_seq: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -267,6 +271,8 @@ class SQLiteStore(MessageStore):
             self.metrics.store_batch_size.observe(len(batch))
             self.metrics.store_commit_seconds.observe(time.perf_counter() - started)
         self._dirty.clear()
+        while len(self._last_seq) > CACHE_SIZE:  # oldest first; reloaded from rows on demand
+            del self._last_seq[next(iter(self._last_seq))]
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._resolve, batch)
 
@@ -401,8 +407,14 @@ class SQLiteStore(MessageStore):
             return conv
 
         created = await self._submit("create_conversation", run)
-        self._conversations[created.id] = created
+        self._remember(created)
         return created
+
+    def _remember(self, conv: Conversation) -> None:
+        self._conversations[conv.id] = conv
+        self._conversations.move_to_end(conv.id)
+        if len(self._conversations) > CACHE_SIZE:
+            self._conversations.popitem(last=False)
 
     async def mark_read(self, conv_id: str, user_id: str, seq: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -444,6 +456,7 @@ class SQLiteStore(MessageStore):
     async def get_conversation(self, conv_id: str) -> Conversation | None:
         cached = self._conversations.get(conv_id)
         if cached is not None:
+            self._conversations.move_to_end(conv_id)
             return cached
 
         def run(conn: sqlite3.Connection) -> Conversation | None:
@@ -454,7 +467,7 @@ class SQLiteStore(MessageStore):
 
         found = await self._read("get_conversation", run)
         if found is not None:
-            self._conversations[conv_id] = found
+            self._remember(found)
         return found
 
     async def list_conversations(self, user_id: str, *, limit: int) -> list[ConversationSummary]:
