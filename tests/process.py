@@ -38,8 +38,18 @@ class NodeProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ, KEFU_JWT_SECRET=SECRET, KEFU_LOG_LEVEL="WARNING")
-        args = [sys.executable, "-m", "kefu", "serve", "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--node-id", f"proc-{self.port}"]
+        args = [
+            sys.executable,
+            "-m",
+            "kefu",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--node-id",
+            f"proc-{self.port}",
+        ]
         for setting in self.settings:
             args += ["--set", setting]
         with self.log.open("ab") as log:

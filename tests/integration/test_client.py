@@ -19,7 +19,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def drain_messages(client: Client, count: int, timeout: float = 10.0) -> list[tuple[str, int]]:
+async def drain_messages(
+    client: Client, count: int, timeout: float = 10.0
+) -> list[tuple[str, int]]:
     got = []
     for _ in range(count):
         msg = await client.next_message(timeout)

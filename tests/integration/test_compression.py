@@ -24,8 +24,14 @@ async def exchange(url: str, http: aiohttp.ClientSession, compress: int) -> str 
     conv = await open_conversation(a, "cu")
     text = "compressible " * 200
     ack = await customer.request(
-        {"op": "send", "id": 1, "conv": conv, "client_msg_id": "z", "type": "text",
-         "body": {"text": text}}
+        {
+            "op": "send",
+            "id": 1,
+            "conv": conv,
+            "client_msg_id": "z",
+            "type": "text",
+            "body": {"text": text},
+        }
     )
     assert ack["op"] == "ack"
     assert (await a.recv_op("message"))["body"]["text"] == text

@@ -76,17 +76,26 @@ def check(acks: list[f.Ack], stored: dict[str, list[f.Message]]) -> None:
 
 
 async def run_traffic(proc: NodeProcess, stop_node: str) -> None:
-    agents = [Client(proc.url, f"agent-{i}", token(f"agent-{i}", "agent"), reconnect=False)
-              for i in range(PAIRS)]
-    customers = [Client(proc.url, f"cust-{i}", token(f"cust-{i}"), reconnect=False)
-                 for i in range(PAIRS)]
+    agents = [
+        Client(proc.url, f"agent-{i}", token(f"agent-{i}", "agent"), reconnect=False)
+        for i in range(PAIRS)
+    ]
+    customers = [
+        Client(proc.url, f"cust-{i}", token(f"cust-{i}"), reconnect=False) for i in range(PAIRS)
+    ]
     for c in agents + customers:
         await c.connect()
     convs = [(await a.open(customer_id=f"cust-{i}")).conv for i, a in enumerate(agents)]
     acks: list[f.Ack] = []
     stop = asyncio.Event()
-    tasks = [asyncio.ensure_future(sender(c, conv, acks, stop)) for c, conv in zip(customers, convs, strict=True)]
-    tasks += [asyncio.ensure_future(sender(a, conv, acks, stop)) for a, conv in zip(agents, convs, strict=True)]
+    tasks = [
+        asyncio.ensure_future(sender(c, conv, acks, stop))
+        for c, conv in zip(customers, convs, strict=True)
+    ]
+    tasks += [
+        asyncio.ensure_future(sender(a, conv, acks, stop))
+        for a, conv in zip(agents, convs, strict=True)
+    ]
     while len(acks) < 400:
         await asyncio.sleep(0.01)
     if stop_node == "kill":

@@ -39,8 +39,14 @@ async def test_metrics_track_the_traffic(
     conv = await open_conversation(agent, "cust-m")
     for n in range(3):
         ack = await customer.request(
-            {"op": "send", "id": n, "conv": conv, "client_msg_id": f"m{n}", "type": "text",
-             "body": {"text": "hi"}}
+            {
+                "op": "send",
+                "id": n,
+                "conv": conv,
+                "client_msg_id": f"m{n}",
+                "type": "text",
+                "body": {"text": "hi"},
+            }
         )
         assert ack["op"] == "ack"
         await agent.recv_op("message")

@@ -12,8 +12,14 @@ async def test_send_ack_push_sync(connect: Connect) -> None:
     assert (await customer.recv_op("conversation"))["conversation"]["conv"] == conv
 
     ack = await customer.request(
-        {"op": "send", "id": 1, "conv": conv, "client_msg_id": "m1", "type": "text",
-         "body": {"text": "hello"}}
+        {
+            "op": "send",
+            "id": 1,
+            "conv": conv,
+            "client_msg_id": "m1",
+            "type": "text",
+            "body": {"text": "hello"},
+        }
     )
     assert ack["op"] == "ack" and ack["seq"] == 1 and not ack.get("duplicate")
     push = await agent.recv_op("message")

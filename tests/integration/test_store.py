@@ -63,7 +63,9 @@ async def test_seq_is_contiguous_under_concurrent_appends(store: MessageStore) -
         assert [m.client_msg_id for m in stored] == [f"cust-{n}" for n in range(200)]
 
 
-async def test_group_commit_batches_concurrent_appends(tmp_path: Path, factory: StoreFactory) -> None:
+async def test_group_commit_batches_concurrent_appends(
+    tmp_path: Path, factory: StoreFactory
+) -> None:
     metrics = Metrics()
     store = factory(tmp_path, metrics)
     await store.start()

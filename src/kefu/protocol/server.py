@@ -86,6 +86,24 @@ def _safe_request_id(value: object) -> f.RequestId | None:
     return None
 
 
+# RFC 6455 section 8.1: a text message that is not UTF-8 fails the connection.
+_NOT_UTF8 = Rejected(
+    error_frame(ErrorCode.BAD_JSON, "text frame is not valid UTF-8"),
+    close=CloseCode.INVALID_PAYLOAD,
+)
+
+
+def _not_utf8(data: bytes | str | msgspec.Raw) -> Rejected | None:
+    """On the error path only: is the real problem invalid UTF-8 in the frame?"""
+    if isinstance(data, str):
+        return None
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8
+    return None
+
+
 class ServerConnection:
     """Protocol state of one client connection."""
 
@@ -102,15 +120,13 @@ class ServerConnection:
         try:
             request: f.ClientRequest = _request_decoder.decode(data)
         except msgspec.ValidationError as exc:
-            return self._invalid(data, str(exc))
+            return _not_utf8(data) or self._invalid(data, str(exc))
         except msgspec.DecodeError as exc:
-            return Rejected(error_frame(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}"))
-        except UnicodeDecodeError:
-            # RFC 6455 section 8.1: a text message that is not UTF-8 fails the connection.
-            return Rejected(
-                error_frame(ErrorCode.BAD_JSON, "text frame is not valid UTF-8"),
-                close=CloseCode.INVALID_PAYLOAD,
+            return _not_utf8(data) or Rejected(
+                error_frame(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}")
             )
+        except UnicodeDecodeError:
+            return _NOT_UTF8
         except RecursionError:
             return Rejected(error_frame(ErrorCode.BAD_FRAME, "JSON nested too deeply"))
         if self.state is State.AWAITING_AUTH and not isinstance(request, _PRE_AUTH_OPS):
@@ -189,7 +205,7 @@ class ServerConnection:
             UnicodeDecodeError,
             RecursionError,
         ) as exc:
-            return Rejected(
+            return _not_utf8(request.body) or Rejected(
                 error_frame(
                     ErrorCode.BAD_FRAME,
                     f"invalid body for type {request.type!r}: {exc}",
