@@ -62,6 +62,7 @@ class StoreSettings:
 
     sqlite_synchronous: str = "FULL"
     commit_max_batch: int = 1000
+    max_pending_writes: int = 5000
     read_threads: int = 2
 
 
@@ -78,6 +79,7 @@ class Config:
     log_level: str = "INFO"
     compression: bool = True
     compression_window_bits: int = 11
+    compression_mem_level: int = 1
     allowed_origins: tuple[str, ...] = ()
     use_uvloop: bool = True
     limits: Limits = dataclasses.field(default_factory=Limits)
@@ -152,6 +154,7 @@ def _validate(cfg: Config) -> None:
     checks = [
         (1 <= cfg.port <= 65535 or cfg.port == 0, "port must be 0..65535"),
         (9 <= cfg.compression_window_bits <= 15, "compression_window_bits must be 9..15"),
+        (1 <= cfg.compression_mem_level <= 9, "compression_mem_level must be 1..9"),
         (lim.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024"),
         (lim.rate_per_second > 0 and lim.rate_burst >= 1, "rate limits must be positive"),
         (lim.rate_flood_factor >= 1, "rate_flood_factor must be at least 1"),
@@ -170,6 +173,7 @@ def _validate(cfg: Config) -> None:
             "sqlite_synchronous must be FULL, NORMAL or EXTRA",
         ),
         (cfg.store.commit_max_batch >= 1, "commit_max_batch must be positive"),
+        (cfg.store.max_pending_writes >= 1, "max_pending_writes must be positive"),
         (cfg.store.read_threads >= 1, "read_threads must be positive"),
     ]
     for ok, why in checks:

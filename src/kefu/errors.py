@@ -10,7 +10,8 @@ Exception tree::
     ├── NotFound                 an unknown conversation (reported as ``not_found``)
     ├── LimitExceeded            a bound was hit (rate, connections, queue)
     ├── StoreError               the system of record failed; the operation is retryable
-    │   └── StoreClosed          the store is shutting down
+    │   ├── StoreClosed          the store is shutting down
+    │   └── Overloaded           too many writes queued; retry after a short pause
     └── ClientError              raised by kefu.client
         ├── RemoteError          the server answered a request with an error frame
         └── ConnectionClosed     the connection ended and will not be re-established
@@ -43,6 +44,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     NODE_FULL = "node_full"
     STORE_UNAVAILABLE = "store_unavailable"
+    OVERLOADED = "overloaded"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -53,6 +55,7 @@ RETRYABLE_CODES = frozenset(
         ErrorCode.RATE_LIMITED,
         ErrorCode.NODE_FULL,
         ErrorCode.STORE_UNAVAILABLE,
+        ErrorCode.OVERLOADED,
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.INTERNAL,
     }
@@ -113,10 +116,17 @@ class KefuError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str = "", *, code: ErrorCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: ErrorCode | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message or self.__class__.__name__)
         if code is not None:
             self.code = code
+        self.retry_after = retry_after
 
     @property
     def message(self) -> str:
@@ -165,6 +175,10 @@ class StoreClosed(StoreError):
     code = ErrorCode.SHUTTING_DOWN
 
 
+class Overloaded(StoreError):
+    code = ErrorCode.OVERLOADED
+
+
 class ClientError(KefuError):
     """Raised by :mod:`kefu.client`."""
 
@@ -177,9 +191,8 @@ class RemoteError(ClientError):
             known: ErrorCode | None = ErrorCode(code)
         except ValueError:
             known = None
-        super().__init__(message, code=known or ErrorCode.INTERNAL)
+        super().__init__(message, code=known or ErrorCode.INTERNAL, retry_after=retry_after)
         self.raw_code = code
-        self.retry_after = retry_after
 
 
 class ConnectionClosed(ClientError):

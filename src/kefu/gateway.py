@@ -195,7 +195,7 @@ class Gateway:
         if isinstance(event, Rejected):
             await self._rejected(session, event)
             return
-        self.metrics.frames_in.labels(op=type(event).__struct_config__.tag).inc()
+        self.metrics.frame_op(str(type(event).__struct_config__.tag)).inc()
         if isinstance(event, f.Auth):
             await self.authenticate(session, event.token, event.id)
             return
@@ -209,7 +209,7 @@ class Gateway:
         session.last_seen = time.monotonic()
 
     async def _rejected(self, session: Session, event: Rejected) -> None:
-        self.metrics.errors.labels(code=event.error.code).inc()
+        self.metrics.error_code(event.error.code).inc()
         session.send(event.error)
         if event.close is not None:
             await session.close(event.close, event.error.message, flush=1.0)

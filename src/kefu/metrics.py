@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -9,6 +11,22 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class Children:
+    """Memoised ``metric.labels(...)``: the hot path pays a dict lookup, not a lock."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -98,6 +116,11 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.store_overloaded = Counter(
+            "kefu_store_overloaded",
+            "Writes refused with 'overloaded' because too many were queued.",
+            registry=r,
+        )
         self.send_queue_overflow = Counter(
             "kefu_send_queue_overflow",
             "Connections closed because their send queue was full (slow consumers).",
@@ -118,3 +141,8 @@ class Metrics:
             "1 while the node is shutting down and refusing new work.",
             registry=r,
         )
+        # Label children used on every message.
+        self.message_result = Children(self.messages)  # (type, result)
+        self.frame_op = Children(self.frames_in)  # (op,)
+        self.push_kind = Children(self.pushes)  # (kind,)
+        self.error_code = Children(self.errors)  # (code,)

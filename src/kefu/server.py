@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kefu import __version__
 from kefu.config import Config
 from kefu.node import Node
+from kefu.runtime import tune_process
+from kefu.transport import deflate
 from kefu.transport.aiohttp_ws import GATEWAY_KEY, websocket_handler
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class Server:
         return f"http://{self.config.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.config.compression:
+            deflate.install(self.config.compression_mem_level)
         await self.node.start()
         self._runner = web.AppRunner(
             build_app(self.node), handle_signals=False, access_log=None, shutdown_timeout=5.0
@@ -96,6 +100,7 @@ async def serve(
     """Run a node until SIGTERM or SIGINT, then shut it down gracefully."""
     server = Server(config)
     await server.start()
+    tune_process()  # after start-up, so that its objects are frozen out of GC
     log.info(
         "kefu %s node %s listening on %s (data in %s)",
         __version__,

@@ -92,7 +92,13 @@ class ChatService:
     # -- authorisation --------------------------------------------------------------------
 
     async def _conversation(self, principal: Principal, conv_id: str) -> Conversation:
-        conv = await self.store.get_conversation(conv_id)
+        conv = self.store.cached_conversation(conv_id)
+        if conv is None:
+            conv = await self.store.get_conversation(conv_id)
+        return self._authorized(principal, conv, conv_id)
+
+    @staticmethod
+    def _authorized(principal: Principal, conv: Conversation | None, conv_id: str) -> Conversation:
         if conv is None:
             raise NotFound(f"conversation {conv_id!r} does not exist")
         if not can_read(principal, conv):
@@ -123,7 +129,9 @@ class ChatService:
             else:  # pragma: no cover - the protocol only yields the ops above
                 raise ProtocolError(f"unexpected request {type(request).__name__}")
         except KefuError as exc:
-            self.reply_error(session, exc.code, exc.message, request.id)
+            self.reply_error(
+                session, exc.code, exc.message, request.id, retry_after=exc.retry_after
+            )
         except Exception:  # a bug must cost one request, not the connection
             log.exception("request %s failed", type(request).__name__)
             self.reply_error(session, ErrorCode.INTERNAL, "internal error", request.id)
@@ -137,7 +145,7 @@ class ChatService:
         *,
         retry_after: float | None = None,
     ) -> None:
-        self.metrics.errors.labels(code=code.value).inc()
+        self.metrics.error_code(code.value).inc()
         session.send(error_frame(code, message, request_id=request_id, retry_after=retry_after))
 
     # -- send -----------------------------------------------------------------------------
@@ -147,17 +155,21 @@ class ChatService:
         principal = session.principal
         assert principal is not None
         if self.draining:
-            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            self.metrics.message_result(request.type, "rejected").inc()
             raise KefuError(
                 "node is shutting down: reconnect and resend", code=ErrorCode.SHUTTING_DOWN
             )
         try:
-            conv = await self._conversation(principal, request.conv)
+            # The common case (a cache hit) must not allocate a coroutine.
+            conv = self.store.cached_conversation(request.conv)
+            if conv is None:
+                conv = await self.store.get_conversation(request.conv)
+            conv = self._authorized(principal, conv, request.conv)
         except KefuError:
-            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            self.metrics.message_result(request.type, "rejected").inc()
             raise
         if conv.state is ConversationState.CLOSED:
-            self.metrics.messages.labels(type=request.type, result="rejected").inc()
+            self.metrics.message_result(request.type, "rejected").inc()
             raise KefuError(
                 f"conversation {conv.id!r} is closed", code=ErrorCode.CONVERSATION_CLOSED
             )
@@ -172,7 +184,7 @@ class ChatService:
         try:
             future = self.store.submit(message)
         except StoreError:
-            self.metrics.messages.labels(type=request.type, result="failed").inc()
+            self.metrics.message_result(request.type, "failed").inc()
             raise
         self._begin()
         future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
@@ -188,7 +200,7 @@ class ChatService:
         try:
             exc = future.exception()
             if exc is not None:
-                self.metrics.messages.labels(type=request.type, result="failed").inc()
+                self.metrics.message_result(request.type, "failed").inc()
                 code = exc.code if isinstance(exc, KefuError) else ErrorCode.STORE_UNAVAILABLE
                 if not isinstance(exc, KefuError):
                     log.error("append failed unexpectedly", exc_info=exc)
@@ -199,7 +211,7 @@ class ChatService:
                 request.type,
                 bytes(request.body),
             ):
-                self.metrics.messages.labels(type=request.type, result="rejected").inc()
+                self.metrics.message_result(request.type, "rejected").inc()
                 self.reply_error(
                     session,
                     ErrorCode.IDEMPOTENCY_CONFLICT,
@@ -221,10 +233,10 @@ class ChatService:
             )
             self.metrics.ack_latency.observe(time.perf_counter() - received)
             if stored.duplicate:
-                self.metrics.messages.labels(type=request.type, result="duplicate").inc()
+                self.metrics.message_result(request.type, "duplicate").inc()
                 return
-            self.metrics.messages.labels(type=request.type, result="stored").inc()
-            self.metrics.pushes.labels(kind="message").inc()
+            self.metrics.message_result(request.type, "stored").inc()
+            self.metrics.push_kind("message").inc()
             self.broker.deliver(
                 conv.participants(),
                 encode(message_frame(stored)),
@@ -322,7 +334,7 @@ class ChatService:
         last = await self.store.last_seq(conv.id)
         mark = await self.store.mark_read(conv.id, principal.user_id, min(request.seq, last))
         session.send(f.Ok(id=request.id))
-        self.metrics.pushes.labels(kind="read").inc()
+        self.metrics.push_kind("read").inc()
         self.broker.deliver(
             conv.participants(),
             encode(f.ReadReceipt(conv=conv.id, user=principal.user_id, seq=mark)),
@@ -334,7 +346,7 @@ class ChatService:
         assert principal is not None
         conv = await self._conversation(principal, request.conv)
         others = [u for u in conv.participants() if u != principal.user_id]
-        self.metrics.pushes.labels(kind="typing").inc()
+        self.metrics.push_kind("typing").inc()
         self.broker.deliver(
             others, encode(f.TypingNotice(conv=conv.id, user=principal.user_id)), ephemeral=True
         )

@@ -113,6 +113,10 @@ class Session:
         if ephemeral and queued >= self.soft_frames:
             self.metrics.dropped.inc()
             return False
+        if not queued and self.writer is None and self.transport.try_send_text(data):
+            if received:
+                self.metrics.latency.observe(time.perf_counter() - received)
+            return True
         if queued >= self.max_frames or self.outbox_bytes + len(data) > self.max_bytes:
             if ephemeral:
                 self.metrics.dropped.inc()

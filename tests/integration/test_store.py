@@ -181,3 +181,36 @@ async def test_sqlite_bounded_caches_stay_correct(
         assert None not in [await store.get_conversation(c) for c in convs]
     finally:
         await store.close()
+
+
+async def test_sqlite_refuses_writes_past_the_bound(tmp_path: Path) -> None:
+    """Past max_pending queued writes the store pushes back instead of queueing forever."""
+    from kefu.errors import ErrorCode, Overloaded
+
+    metrics = Metrics()
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=metrics, max_pending=3)
+    await store.start()
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        futures = [store.submit(msg(conv, n)) for n in range(3)]
+        with pytest.raises(Overloaded) as err:
+            store.submit(msg(conv, 3))
+        assert err.value.code is ErrorCode.OVERLOADED and err.value.retryable
+        assert err.value.retry_after
+        assert [r.seq for r in await asyncio.gather(*futures)] == [1, 2, 3]
+        assert (await store.append(msg(conv, 3))).seq == 4  # room again once they commit
+        assert metrics.registry.get_sample_value("kefu_store_overloaded_total") == 1
+    finally:
+        await store.close()
+
+
+def test_sqlite_dedupe_query_uses_the_index(tmp_path: Path) -> None:
+    """The idempotency lookup must be index searches, never a scan of all messages."""
+    from kefu.store.sqlite import SCHEMA, dedupe_sql
+
+    with sqlite3.connect(tmp_path / "plan.sqlite3") as db:
+        db.executescript(SCHEMA)
+        plan = db.execute("EXPLAIN QUERY PLAN " + dedupe_sql(4), ["c", "s", "i"] * 4).fetchall()
+    details = [row[3] for row in plan]
+    assert any("SEARCH m USING INDEX messages_idempotency" in d for d in details), details
+    assert not any(d.startswith("SCAN m") or d == "SCAN messages" for d in details), details

@@ -87,6 +87,7 @@ def test_retryable_codes() -> None:
         "rate_limited",
         "node_full",
         "store_unavailable",
+        "overloaded",
         "shutting_down",
         "internal",
     }

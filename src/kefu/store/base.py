@@ -62,6 +62,10 @@ class MessageStore(abc.ABC):
     async def get_conversation(self, conv_id: str) -> Conversation | None:
         """The conversation, or None when it does not exist."""
 
+    def cached_conversation(self, conv_id: str) -> Conversation | None:
+        """The conversation if it is at hand without I/O (a cache hit), else None."""
+        return None
+
     @abc.abstractmethod
     async def list_conversations(self, user_id: str, *, limit: int) -> list[ConversationSummary]:
         """The user's conversations (as customer or agent), most recently active first."""

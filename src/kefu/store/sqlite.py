@@ -26,12 +26,12 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kefu import ids
-from kefu.errors import NotFound, StoreClosed, StoreError
+from kefu.errors import NotFound, Overloaded, StoreClosed, StoreError
 from kefu.metrics import Metrics
 from kefu.model import (
     Conversation,
@@ -91,7 +91,32 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
 _MESSAGE_COLUMNS = (
     "conversation_id, seq, msg_id, sender_id, sender_role, client_msg_id, type, body, ts"
 )
+_M_COLUMNS = ", ".join(f"m.{c}" for c in _MESSAGE_COLUMNS.split(", "))
+_ROW_PLACEHOLDER = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Queued writes past which new ones are refused with ``overloaded``.
+DEFAULT_MAX_PENDING = 5000
+OVERLOAD_RETRY_AFTER = 0.5
 _CONV_COLUMNS = "id, customer_id, agent_id, group_id, state, context_type, context, created_at"
+
+
+def dedupe_sql(keys: int) -> str:
+    """Find stored messages by (conversation, sender, client_msg_id) for ``keys`` keys."""
+    values = ",".join(["(?, ?, ?)"] * keys)
+    return (
+        f"SELECT {_M_COLUMNS} FROM (VALUES {values}) AS k JOIN messages AS m "
+        "ON m.conversation_id = k.column1 AND m.sender_id = k.column2 "
+        "AND m.client_msg_id = k.column3"
+    )
+
+
+def _pow2_chunks(items: list[T], largest: int = 64) -> Iterator[list[T]]:
+    """Chunks of 64, 32, ... 1 rows: few distinct statements for the statement cache."""
+    start, size = 0, largest
+    while start < len(items):
+        while size > len(items) - start:
+            size //= 2
+        yield items[start : start + size]
+        start += size
 
 
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
@@ -125,9 +150,10 @@ def _row_to_conversation(row: tuple[Any, ...]) -> Conversation:
 class _Job:
     """One unit of work for the writer thread."""
 
-    run: Callable[[sqlite3.Connection], Any]
+    run: Callable[[sqlite3.Connection], Any] | None
     future: asyncio.Future[Any]
     kind: str
+    message: NewMessage | None = None
     result: Any = None
     error: BaseException | None = None
 
@@ -146,11 +172,14 @@ class SQLiteStore(MessageStore):
         synchronous: str = "FULL",
         max_batch: int = 1000,
         read_threads: int = 2,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.path = path
         self.metrics = metrics
         self.synchronous = synchronous
         self.max_batch = max_batch
+        self.max_pending = max_pending
+        self._pending = 0
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -220,15 +249,32 @@ class SQLiteStore(MessageStore):
 
     # -- the writer -----------------------------------------------------------------------
 
-    def _enqueue(self, kind: str, run: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _enqueue(
+        self,
+        kind: str,
+        run: Callable[[sqlite3.Connection], T] | None,
+        message: NewMessage | None = None,
+    ) -> asyncio.Future[T]:
         if self._closed or self._loop is None:
             raise StoreClosed("the message store is closed")
+        if self._pending >= self.max_pending:
+            self.metrics.store_overloaded.inc()
+            raise Overloaded(
+                f"the store has {self._pending} writes queued: retry shortly",
+                retry_after=OVERLOAD_RETRY_AFTER,
+            )
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(run=run, future=future, kind=kind))
+        self._pending += 1
+        self._jobs.put(_Job(run=run, future=future, kind=kind, message=message))
         return future
 
     async def _submit(self, kind: str, run: Callable[[sqlite3.Connection], T]) -> T:
         return await self._enqueue(kind, run)
+
+    @property
+    def pending(self) -> int:
+        """Writes queued or in the transaction now running."""
+        return self._pending
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         stopping = False
@@ -253,8 +299,14 @@ class SQLiteStore(MessageStore):
         started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            appends: list[_Job] = []
             for job in batch:
-                job.result = job.run(conn)
+                if job.run is None:
+                    appends.append(job)
+                else:
+                    job.result = job.run(conn)
+            if appends:
+                self._append_many(conn, appends)
             self._flush_seq(conn)
             conn.execute("COMMIT")
         except Exception as exc:  # the whole batch is undone; retry each job alone
@@ -285,14 +337,85 @@ class SQLiteStore(MessageStore):
         self._dirty.clear()
 
     def _flush_seq(self, conn: sqlite3.Connection) -> None:
-        now = ids.now_ms()
-        conn.executemany(
-            "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
-            [(self._last_seq[c], now, c) for c in self._dirty],
-        )
+        """Record the batch's new last seqs: one statement however many conversations."""
+        if not self._dirty:
+            return
+        dirty = sorted(self._dirty)
+        for chunk in _pow2_chunks(dirty):
+            conn.execute(
+                "UPDATE conversations SET updated_at = ?, last_seq = (SELECT MAX(seq) FROM "
+                "messages WHERE conversation_id = conversations.id) "
+                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                (ids.now_ms(), *chunk),
+            )
 
-    @staticmethod
-    def _resolve(batch: list[_Job]) -> None:
+    def _append_many(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """Store a batch of messages with a handful of statements.
+
+        Each statement releases and retakes the GIL, so the work per batch, not per
+        message, decides how much the writer thread slows the event loop.
+        """
+        keys = [
+            (m.conv, m.sender, m.client_msg_id)
+            for m in (j.message for j in jobs)
+            if m is not None and m.client_msg_id is not None
+        ]
+        existing: dict[tuple[str, str, str | None], StoredMessage] = {}
+        for chunk in _pow2_chunks(keys):
+            # A join with the keys as a VALUES table: SQLite looks each key up in the
+            # idempotency index (a row-value IN (VALUES ...) would scan the table).
+            rows = conn.execute(
+                dedupe_sql(len(chunk)), [v for key in chunk for v in key]
+            ).fetchall()
+            for row in rows:
+                found = _row_to_message(row)
+                existing[(found.conv, found.sender, found.client_msg_id)] = found
+        rows_out: list[tuple[Any, ...]] = []
+        now = ids.now_ms()
+        for job in jobs:
+            m = job.message
+            assert m is not None
+            key = (m.conv, m.sender, m.client_msg_id)
+            before = existing.get(key) if m.client_msg_id is not None else None
+            if before is not None:
+                job.result = dataclasses.replace(before, duplicate=True)
+                continue
+            stored = StoredMessage(
+                conv=m.conv,
+                seq=self._next_seq(conn, m.conv),
+                msg_id=ids.new_id(),
+                sender=m.sender,
+                sender_role=m.sender_role.value,
+                client_msg_id=m.client_msg_id,
+                type=m.type,
+                body=m.body,
+                ts=now,
+            )
+            if m.client_msg_id is not None:
+                existing[key] = stored  # a resend later in this same batch
+            job.result = stored
+            rows_out.append(
+                (
+                    stored.conv,
+                    stored.seq,
+                    stored.msg_id,
+                    stored.sender,
+                    stored.sender_role,
+                    stored.client_msg_id,
+                    stored.type,
+                    stored.body,
+                    stored.ts,
+                )
+            )
+        for chunk in _pow2_chunks(rows_out):
+            conn.execute(
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES "
+                + ",".join([_ROW_PLACEHOLDER] * len(chunk)),
+                [v for row in chunk for v in row],
+            )
+
+    def _resolve(self, batch: list[_Job]) -> None:
+        self._pending -= len(batch)
         for job in batch:
             if job.future.done():
                 continue
@@ -323,43 +446,7 @@ class SQLiteStore(MessageStore):
     # -- writes ---------------------------------------------------------------------------
 
     def submit(self, message: NewMessage) -> asyncio.Future[StoredMessage]:
-        def run(conn: sqlite3.Connection) -> StoredMessage:
-            if message.client_msg_id is not None:
-                row = conn.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages "
-                    "WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?",
-                    (message.conv, message.sender, message.client_msg_id),
-                ).fetchone()
-                if row is not None:
-                    return dataclasses.replace(_row_to_message(row), duplicate=True)
-            stored = StoredMessage(
-                conv=message.conv,
-                seq=self._next_seq(conn, message.conv),
-                msg_id=ids.new_id(),
-                sender=message.sender,
-                sender_role=message.sender_role.value,
-                client_msg_id=message.client_msg_id,
-                type=message.type,
-                body=message.body,
-                ts=ids.now_ms(),
-            )
-            conn.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    stored.conv,
-                    stored.seq,
-                    stored.msg_id,
-                    stored.sender,
-                    stored.sender_role,
-                    stored.client_msg_id,
-                    stored.type,
-                    stored.body,
-                    stored.ts,
-                ),
-            )
-            return stored
-
-        return self._enqueue("append", run)
+        return self._enqueue("append", None, message)
 
     async def create_conversation(
         self,
@@ -452,6 +539,12 @@ class SQLiteStore(MessageStore):
         if self._writer is None or not self._writer.is_alive():
             raise StoreError("the store writer is not running")
         await self._read("ping", lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def cached_conversation(self, conv_id: str) -> Conversation | None:
+        cached = self._conversations.get(conv_id)
+        if cached is not None:
+            self._conversations.move_to_end(conv_id)
+        return cached
 
     async def get_conversation(self, conv_id: str) -> Conversation | None:
         cached = self._conversations.get(conv_id)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import struct
+from typing import Any, cast
 
 from aiohttp import WSMsgType, hdrs, web
 from aiohttp.http_websocket import WebSocketError, ws_ext_gen
@@ -42,18 +43,51 @@ class KefuWebSocketResponse(web.WebSocketResponse):
         return headers, protocol, compress, notakeover
 
 
+#: Above this many bytes waiting in the socket's buffer, frames queue in the outbox.
+DIRECT_WRITE_LIMIT = 64 * 1024
+_PACK_LEN2 = struct.Struct("!BBH").pack
+_PACK_LEN3 = struct.Struct("!BBQ").pack
+
+
+def text_frame_header(length: int) -> bytes:
+    """RFC 6455 header of an unmasked, final, uncompressed text frame (server to client)."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return _PACK_LEN2(0x81, 126, length)
+    return _PACK_LEN3(0x81, 127, length)
+
+
 class AiohttpTransport:
     """:class:`kefu.transport.base.Transport` over an aiohttp WebSocketResponse."""
 
-    __slots__ = ("_closing", "_raw", "ws")
+    __slots__ = ("_closing", "_direct", "_raw", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, raw: asyncio.BaseTransport | None) -> None:
         self.ws = ws
-        self._raw = raw
+        # uvloop's transports do not subclass asyncio's: check for what is used.
+        writable = all(hasattr(raw, a) for a in ("write", "get_write_buffer_size", "abort"))
+        self._raw = cast("asyncio.WriteTransport", raw) if writable else None
+        # Frames may bypass aiohttp's writer only when no deflate stream must see them.
+        self._direct = self._raw is not None and not ws.compress
         self._closing: asyncio.Task[None] | None = None
 
     async def send_text(self, data: bytes) -> None:
         await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    def try_send_text(self, data: bytes) -> bool:
+        raw = self._raw
+        if (
+            not self._direct
+            or raw is None
+            or self._closing is not None
+            or self.ws.closed
+            or raw.is_closing()
+            or raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT
+        ):
+            return False
+        raw.write(text_frame_header(len(data)) + data)
+        return True
 
     async def ping(self) -> None:
         await self.ws.ping()
@@ -70,7 +104,7 @@ class AiohttpTransport:
             )
         except (TimeoutError, ConnectionError, RuntimeError):
             # The peer does not read (or is gone): drop the socket.
-            if isinstance(self._raw, asyncio.WriteTransport):
+            if self._raw is not None:
                 self._raw.abort()
 
     async def wait_closed(self) -> None:

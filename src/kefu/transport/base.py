@@ -17,6 +17,14 @@ class Transport(Protocol):
     async def send_text(self, data: bytes) -> None:
         """Write ``data`` (UTF-8 JSON) as a text message; waits while the socket is full."""
 
+    def try_send_text(self, data: bytes) -> bool:
+        """Write a text message now, without waiting, if that is possible.
+
+        False means nothing was written (the socket is backed up, compression is on, ...):
+        the caller queues the frame for :meth:`send_text`. This is the hot path: a frame to
+        an idle connection costs one ``write`` and no task.
+        """
+
     async def ping(self) -> None:
         """Send a WebSocket ping control frame."""
 
