@@ -1,0 +1,142 @@
+"""What the bench reads from /proc: a process's memory and CPU time, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def parse_vmrss_kb(status: str) -> int | None:
+    """The ``VmRSS`` of a /proc/PID/status text, in KiB."""
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            fields = line.split()
+            return int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else None
+    return None
+
+
+def rss_kb(pid: int) -> int | None:
+    """Resident memory of ``pid`` in KiB, or None if it cannot be read."""
+    try:
+        return parse_vmrss_kb((PROC / str(pid) / "status").read_text())
+    except OSError:
+        return None
+
+
+def parse_cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from a /proc/PID/stat line; the command name may hold
+    spaces and parentheses, so fields are counted after its last ``)``."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) ``pid`` has used, in seconds."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return parse_cpu_ticks(stat) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model() -> str:
+    try:
+        for line in (PROC / "cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str]:
+    """A short description of the machine the figures come from."""
+    try:
+        mem_kb = parse_meminfo_total((PROC / "meminfo").read_text())
+        memory = f"{mem_kb / 1024 / 1024:.1f} GiB"
+    except OSError:
+        memory = "unknown"
+    return {
+        "cpus (nproc)": str(len(os.sched_getaffinity(0))),
+        "cpu model": cpu_model(),
+        "memory": memory,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0] + f" ({platform.python_implementation()})",
+    }
+
+
+def parse_meminfo_total(meminfo: str) -> int:
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    return 0
+
+
+def parse_machine_busy(stat: str) -> tuple[int, int]:
+    """(busy, steal) clock ticks of all CPUs from the ``cpu`` line of /proc/stat."""
+    for line in stat.splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            v += [0] * (8 - len(v))
+            user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+            return user + nice + system + irq + softirq, steal
+    return 0, 0
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU-seconds all CPUs have spent busy, and stolen by the hypervisor, since boot."""
+    try:
+        busy, steal = parse_machine_busy((PROC / "stat").read_text())
+    except OSError:
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, steal / tick
+
+
+class CpuMeter:
+    """CPU used over an interval by the server, the client workers and the whole machine,
+    each as cores busy on average (1.0 = one core all the time)."""
+
+    def __init__(self, server: int | None, clients: list[int]) -> None:
+        self.server = server
+        self.clients = clients
+        self.started = time.monotonic()
+        self._server0 = cpu_seconds(server) if server else None
+        self._clients0 = self._clients()
+        self._machine0 = machine_busy_seconds()
+
+    def _clients(self) -> float:
+        return sum(cpu_seconds(pid) or 0.0 for pid in self.clients)
+
+    def read(self) -> tuple[float, float, float, float]:
+        """(server, clients, everything else on the machine, stolen), in cores."""
+        wall = max(1e-6, time.monotonic() - self.started)
+        nan = float("nan")
+        server = nan
+        if self.server and self._server0 is not None:
+            now = cpu_seconds(self.server)
+            server = nan if now is None else (now - self._server0) / wall
+        clients = (self._clients() - self._clients0) / wall
+        busy, steal = machine_busy_seconds()
+        machine = (busy - self._machine0[0]) / wall
+        other = machine - clients - (0.0 if server != server else server)
+        return server, clients, max(0.0, other), (steal - self._machine0[1]) / wall
+
+
+def wait_quiet(pid: int, *, below: float = 0.25, timeout: float = 60.0) -> float:
+    """Wait until ``pid`` uses less than ``below`` cores over half a second (a server
+    working off a backlog), at most ``timeout`` seconds; return the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        after = cpu_seconds(pid)
+        if before is None or after is None or (after - before) / 0.5 < below:
+            break
+    return time.monotonic() - started
