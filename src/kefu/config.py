@@ -63,6 +63,7 @@ class StoreSettings:
     sqlite_synchronous: str = "FULL"
     commit_max_batch: int = 1000
     max_pending_writes: int = 5000
+    writer: str = "process"
     read_threads: int = 2
 
 
@@ -174,6 +175,7 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.store.commit_max_batch >= 1, "commit_max_batch must be positive"),
         (cfg.store.max_pending_writes >= 1, "max_pending_writes must be positive"),
+        (cfg.store.writer in ("process", "thread"), "writer must be process or thread"),
         (cfg.store.read_threads >= 1, "read_threads must be positive"),
     ]
     for ok, why in checks:

@@ -21,7 +21,10 @@ from kefu.store.sqlite import SQLiteStore
 StoreFactory = Callable[[Path, Metrics], MessageStore]
 
 STORES: dict[str, StoreFactory] = {
-    "sqlite": lambda path, metrics: SQLiteStore(path / "kefu.sqlite3", metrics=metrics),
+    "sqlite-process": lambda path, metrics: SQLiteStore(path / "kefu.sqlite3", metrics=metrics),
+    "sqlite-thread": lambda path, metrics: SQLiteStore(
+        path / "kefu.sqlite3", metrics=metrics, writer="thread"
+    ),
 }
 
 
@@ -168,9 +171,11 @@ async def test_sqlite_bounded_caches_stay_correct(
 ) -> None:
     """With caches of 2 entries, seqs over 6 conversations still continue correctly."""
     import kefu.store.sqlite as sqlite_store
+    import kefu.store.sqlite_writer as sqlite_writer
 
     monkeypatch.setattr(sqlite_store, "CACHE_SIZE", 2)
-    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    monkeypatch.setattr(sqlite_writer, "SEQ_CACHE_SIZE", 2)
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics(), writer="thread")
     await store.start()
     try:
         convs = [(await store.create_conversation(customer_id=f"c{i}")).id for i in range(6)]
@@ -206,7 +211,7 @@ async def test_sqlite_refuses_writes_past_the_bound(tmp_path: Path) -> None:
 
 def test_sqlite_dedupe_query_uses_the_index(tmp_path: Path) -> None:
     """The idempotency lookup must be index searches, never a scan of all messages."""
-    from kefu.store.sqlite import SCHEMA, dedupe_sql
+    from kefu.store.sqlite_schema import SCHEMA, dedupe_sql
 
     with sqlite3.connect(tmp_path / "plan.sqlite3") as db:
         db.executescript(SCHEMA)
@@ -214,3 +219,43 @@ def test_sqlite_dedupe_query_uses_the_index(tmp_path: Path) -> None:
     details = [row[3] for row in plan]
     assert any("SEARCH m USING INDEX messages_idempotency" in d for d in details), details
     assert not any(d.startswith("SCAN m") or d == "SCAN messages" for d in details), details
+
+
+
+async def test_sqlite_writer_process_death_never_acks_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill the writer process mid-stream: nothing unstored is acked, it comes back."""
+    import kefu.store.sqlite as sqlite_store
+    from kefu.errors import StoreError
+
+    monkeypatch.setattr(sqlite_store, "RESTART_DELAY", 0.05)
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    await store.start()
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        acked = [await store.append(msg(conv, n)) for n in range(3)]
+        runner = store._runner
+        assert isinstance(runner, sqlite_store._ProcessRunner) and runner._proc is not None
+        inflight = [store.submit(msg(conv, n)) for n in range(3, 50)]
+        runner._proc.kill()
+        outcomes = await asyncio.gather(*inflight, return_exceptions=True)
+        acked += [o for o in outcomes if not isinstance(o, BaseException)]
+        assert all(isinstance(o, StoreError) for o in outcomes if isinstance(o, BaseException))
+        for _ in range(200):  # restarted by itself
+            if runner.alive:
+                break
+            await asyncio.sleep(0.05)
+        assert runner.alive
+        assert await store.ping() is None
+        # Resend everything with the same ids: stored once each, seqs 1..50, no gaps.
+        for n in range(50):
+            await store.append(msg(conv, n))
+        stored = await store.messages_after(conv, 0, 100)
+        assert [m.seq for m in stored] == list(range(1, 51))
+        assert [m.client_msg_id for m in stored[:3]] == ["cust-0", "cust-1", "cust-2"]
+        by_seq = {m.seq: m for m in stored}
+        for ack in acked:  # every ack handed out before the kill is in the database
+            assert by_seq[ack.seq].msg_id == ack.msg_id
+    finally:
+        await store.close()

@@ -18,6 +18,7 @@ def create_store(config: Config, metrics: Metrics) -> MessageStore:
         max_batch=config.store.commit_max_batch,
         read_threads=config.store.read_threads,
         max_pending=config.store.max_pending_writes,
+        writer=config.store.writer,
     )
 
 

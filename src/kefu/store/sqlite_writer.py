@@ -1,0 +1,394 @@
+"""The SQLite writer: group-committed batches of write jobs, in a thread or its own process.
+
+:class:`BatchWriter` owns the only write connection. It takes a batch of jobs, runs them in
+one transaction and commits (an fsync with ``synchronous=FULL``); the results go back only
+after the commit, so an ack always means "on disk". It allocates each conversation's next
+seq from an in-memory counter (one writer, so no races) seeded from the rows. Appends of a
+batch cost a handful of statements whatever their number (one index-backed duplicate
+lookup, multi-row INSERTs, one UPDATE). If a batch fails, its jobs are retried one per
+transaction so that a single bad job fails alone.
+
+Jobs and results are msgspec Structs so that the writer can run in a separate process
+(``python -m kefu.store.sqlite_writer``), where it neither competes with the event loop
+for the GIL nor stalls it on fsync; frames on its stdin/stdout are a 4-byte big-endian
+length and a msgpack payload (a list of jobs in; a :class:`Reply` out per request frame).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import sqlite3
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kefu import ids
+from kefu.store.sqlite_schema import (
+    CONV_COLUMNS,
+    MESSAGE_COLUMNS,
+    ROW_PLACEHOLDER,
+    apply_schema,
+    connect,
+    dedupe_sql,
+    message_row,
+    pow2_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+#: Most conversations whose seq counter the writer keeps in memory.
+SEQ_CACHE_SIZE = 100_000
+
+# -- jobs and results ----------------------------------------------------------------------
+
+
+class Append(msgspec.Struct, tag="append", tag_field="k", array_like=True):
+    conv: str
+    sender: str
+    sender_role: str
+    client_msg_id: str | None
+    type: str
+    body: bytes
+
+
+class Create(msgspec.Struct, tag="create", tag_field="k", array_like=True):
+    id: str
+    customer_id: str
+    agent_id: str | None
+    group_id: str | None
+    state: str
+    context_type: str | None
+    context: bytes | None
+    created_at: int
+
+
+class MarkRead(msgspec.Struct, tag="mark_read", tag_field="k", array_like=True):
+    conv: str
+    user: str
+    seq: int
+
+
+Job = Append | Create | MarkRead
+
+
+class Stored(msgspec.Struct, tag="stored", tag_field="k", array_like=True):
+    """An appended (or, with ``duplicate``, an already stored) message."""
+
+    conv: str
+    seq: int
+    msg_id: str
+    sender: str
+    sender_role: str
+    client_msg_id: str | None
+    type: str
+    body: bytes
+    ts: int
+    duplicate: bool = False
+
+
+class Done(msgspec.Struct, tag="done", tag_field="k", array_like=True):
+    value: int = 0
+
+
+class Failed(msgspec.Struct, tag="failed", tag_field="k", array_like=True):
+    code: str  # "not_found" or "store_unavailable"
+    message: str
+
+
+Result = Stored | Done | Failed
+
+
+class Reply(msgspec.Struct, array_like=True):
+    """The results of one request frame, and the transaction that produced them."""
+
+    results: list[Result]
+    batch_size: int
+    seconds: float
+
+
+class NoSuchConversation(Exception):
+    pass
+
+
+# -- the writer ----------------------------------------------------------------------------
+
+
+class BatchWriter:
+    def __init__(
+        self, path: Path, synchronous: str = "FULL", checkpoint_interval: float = 1.0
+    ) -> None:
+        self.conn = connect(path, synchronous)
+        apply_schema(self.conn)
+        # Checkpoints copy the WAL into the database file and fsync it: tens of ms that
+        # would land on whichever commit crossed the threshold. A thread of ours does them
+        # instead, beside the commits (PASSIVE never blocks the writer).
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop,
+            args=(path, synchronous, checkpoint_interval),
+            name="kefu-store-checkpoint",
+            daemon=True,
+        )
+        self._checkpointer.start()
+        self._last_seq: dict[str, int] = {}
+        self._dirty: set[str] = set()
+
+    def _checkpoint_loop(self, path: Path, synchronous: str, interval: float) -> None:
+        conn = connect(path, synchronous)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or I/O trouble: try again later
+                    log.warning("checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join()
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self.conn.close()
+
+    def run(self, jobs: list[Job]) -> tuple[list[Result], float]:
+        """Run ``jobs`` in one transaction; returns the results and its duration."""
+        started = time.perf_counter()
+        results: list[Result | None] = [None] * len(jobs)
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            appends: list[int] = []
+            for i, job in enumerate(jobs):
+                if isinstance(job, Append):
+                    appends.append(i)
+                elif isinstance(job, Create):
+                    results[i] = self._create(job)
+                else:
+                    results[i] = self._mark_read(job)
+            if appends:
+                stored = self._append_many([jobs[i] for i in appends])  # type: ignore[misc]
+                for i, result in zip(appends, stored, strict=True):
+                    results[i] = result
+            self._flush_seq()
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            if len(jobs) > 1:
+                log.warning("batch of %d failed (%s): retrying one by one", len(jobs), exc)
+                out = [self.run([job])[0][0] for job in jobs]
+                return out, time.perf_counter() - started
+            code = "not_found" if isinstance(exc, NoSuchConversation) else "store_unavailable"
+            return [Failed(code=code, message=str(exc))], time.perf_counter() - started
+        finally:
+            self._dirty.clear()
+            while len(self._last_seq) > SEQ_CACHE_SIZE:  # oldest first; reloaded on demand
+                del self._last_seq[next(iter(self._last_seq))]
+        return results, time.perf_counter() - started  # type: ignore[return-value]
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("ROLLBACK")
+        # Counters may have advanced for rows that are gone: reload them from the rows.
+        for conv in self._dirty:
+            self._last_seq.pop(conv, None)
+
+    def _next_seq(self, conv: str) -> int:
+        last = self._last_seq.get(conv)
+        if last is None:
+            row = self.conn.execute(
+                "SELECT last_seq, (SELECT MAX(seq) FROM messages WHERE conversation_id = ?) "
+                "FROM conversations WHERE id = ?",
+                (conv, conv),
+            ).fetchone()
+            if row is None:
+                raise NoSuchConversation(f"conversation {conv!r} does not exist")
+            last = max(row[0], row[1] or 0)
+        last += 1
+        self._last_seq[conv] = last
+        self._dirty.add(conv)
+        return last
+
+    def _flush_seq(self) -> None:
+        """Record the batch's new last seqs: one statement per 64 conversations."""
+        for chunk in pow2_chunks(sorted(self._dirty)):
+            self.conn.execute(
+                "UPDATE conversations SET updated_at = ?, last_seq = (SELECT MAX(seq) FROM "
+                "messages WHERE conversation_id = conversations.id) "
+                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                (ids.now_ms(), *chunk),
+            )
+
+    def _append_many(self, jobs: list[Append]) -> list[Stored]:
+        keys = [(j.conv, j.sender, j.client_msg_id) for j in jobs if j.client_msg_id is not None]
+        existing: dict[tuple[str, str, str | None], Stored] = {}
+        for chunk in pow2_chunks(keys):
+            for row in self.conn.execute(
+                dedupe_sql(len(chunk)), [v for key in chunk for v in key]
+            ).fetchall():
+                found = Stored(*message_row(row), duplicate=True)
+                existing[(found.conv, found.sender, found.client_msg_id)] = found
+        out: list[Stored] = []
+        rows: list[tuple[Any, ...]] = []
+        now = ids.now_ms()
+        for job in jobs:
+            key = (job.conv, job.sender, job.client_msg_id)
+            before = existing.get(key) if job.client_msg_id is not None else None
+            if before is not None:
+                out.append(before)
+                continue
+            stored = Stored(
+                conv=job.conv,
+                seq=self._next_seq(job.conv),
+                msg_id=ids.new_id(),
+                sender=job.sender,
+                sender_role=job.sender_role,
+                client_msg_id=job.client_msg_id,
+                type=job.type,
+                body=job.body,
+                ts=now,
+            )
+            if job.client_msg_id is not None:  # a resend later in this same batch
+                existing[key] = Stored(*message_row(_as_row(stored)), duplicate=True)
+            out.append(stored)
+            rows.append(_as_row(stored))
+        for chunk in pow2_chunks(rows):
+            self.conn.execute(
+                f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES "
+                + ",".join([ROW_PLACEHOLDER] * len(chunk)),
+                [v for row in chunk for v in row],
+            )
+        return out
+
+    def _create(self, job: Create) -> Done:
+        self.conn.execute(
+            f"INSERT INTO conversations ({CONV_COLUMNS}, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.customer_id,
+                job.agent_id,
+                job.group_id,
+                job.state,
+                job.context_type,
+                job.context,
+                job.created_at,
+                job.created_at,
+            ),
+        )
+        rows = [(job.id, job.customer_id, "customer")]
+        if job.agent_id is not None and job.agent_id != job.customer_id:
+            rows.append((job.id, job.agent_id, "agent"))
+        self.conn.executemany(
+            "INSERT INTO participants (conversation_id, user_id, role) VALUES (?, ?, ?)", rows
+        )
+        self._last_seq[job.id] = 0
+        return Done()
+
+    def _mark_read(self, job: MarkRead) -> Done:
+        row = self.conn.execute(
+            "UPDATE participants SET read_seq = MAX(read_seq, ?) "
+            "WHERE conversation_id = ? AND user_id = ? RETURNING read_seq",
+            (job.seq, job.conv, job.user),
+        ).fetchone()
+        return Done(value=int(row[0]) if row else 0)
+
+
+def _as_row(s: Stored) -> tuple[Any, ...]:
+    return (s.conv, s.seq, s.msg_id, s.sender, s.sender_role, s.client_msg_id, s.type, s.body, s.ts)
+
+
+# -- the writer process --------------------------------------------------------------------
+
+HEADER = struct.Struct("!I")
+job_decoder = msgspec.msgpack.Decoder(list[Job])
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+encoder = msgspec.msgpack.Encoder()
+READY = b"ready"
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Length-prefixed frames from a file descriptor, blocking or not."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+
+    def _take(self) -> bytes | None:
+        if len(self.buf) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self.buf)
+        end = HEADER.size + length
+        if len(self.buf) < end:
+            return None
+        payload = bytes(self.buf[HEADER.size : end])
+        del self.buf[:end]
+        return payload
+
+    def read(self, *, block: bool) -> bytes | None:
+        while True:
+            payload = self._take()
+            if payload is not None or self.eof:
+                return payload
+            if not block and not select.select([self.fd], [], [], 0)[0]:
+                return None
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
+
+
+def serve(path: Path, synchronous: str, max_batch: int) -> None:
+    """The process's main loop: read request frames, commit them in batches, reply."""
+    writer = BatchWriter(path, synchronous)
+    reader = FrameReader(sys.stdin.fileno())
+    out = sys.stdout.fileno()
+    os.write(out, frame(READY))
+    while True:
+        first = reader.read(block=True)
+        if first is None:
+            break
+        requests = [job_decoder.decode(first)]
+        count = len(requests[0])
+        while count < max_batch:
+            more = reader.read(block=False)
+            if more is None:
+                break
+            requests.append(job_decoder.decode(more))
+            count += len(requests[-1])
+        jobs = [job for request in requests for job in request]
+        results, seconds = writer.run(jobs)
+        replies, start = bytearray(), 0
+        for request in requests:
+            part = results[start : start + len(request)]
+            start += len(request)
+            replies += frame(encoder.encode(Reply(part, len(jobs), seconds)))
+        view = memoryview(replies)
+        while view:
+            view = view[os.write(out, view) :]
+    writer.close()
+
+
+def main() -> None:  # pragma: no cover - exercised through the process store tests
+    path, synchronous, max_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    logging.basicConfig(level=logging.WARNING, format="kefu-store-writer: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(Path(path), synchronous, max_batch)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
