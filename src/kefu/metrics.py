@@ -136,6 +136,13 @@ class Metrics:
             "Frames refused by the per-connection rate limit.",
             registry=r,
         )
+        self.gc_pauses = Histogram(
+            "kefu_gc_pause_seconds",
+            "Garbage-collector pauses of the node process, by generation.",
+            ["generation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.draining = Gauge(
             "kefu_draining",
             "1 while the node is shutting down and refusing new work.",

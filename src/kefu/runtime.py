@@ -20,6 +20,9 @@ import gc
 import logging
 import resource
 import sys
+import time
+
+from kefu.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ GC_GEN2 = 20
 SWITCH_INTERVAL = 0.0002
 
 
-def tune_process() -> None:
+def tune_process(metrics: Metrics | None = None) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0, GC_GEN1, GC_GEN2)
@@ -41,3 +44,19 @@ def tune_process() -> None:
         except (ValueError, OSError) as exc:  # pragma: no cover - platform specific
             log.warning("cannot raise the open-file limit to %d: %s", hard, exc)
     log.debug("open-file limit %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if metrics is not None:
+        gc.callbacks.append(_GcTimer(metrics))
+
+
+class _GcTimer:
+    """Observe every collection's pause in ``kefu_gc_pause_seconds``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.children = [metrics.gc_pauses.labels(str(g)) for g in range(3)]
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.children[info["generation"]].observe(time.perf_counter() - self.started)

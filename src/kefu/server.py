@@ -100,7 +100,7 @@ async def serve(
     """Run a node until SIGTERM or SIGINT, then shut it down gracefully."""
     server = Server(config)
     await server.start()
-    tune_process()  # after start-up, so that its objects are frozen out of GC
+    tune_process(server.node.metrics)  # after start-up, so that its objects are frozen out of GC
     log.info(
         "kefu %s node %s listening on %s (data in %s)",
         __version__,

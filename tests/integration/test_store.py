@@ -148,24 +148,6 @@ async def test_committed_data_survives_reopen(tmp_path: Path, factory: StoreFact
         await reopened.close()
 
 
-async def test_sqlite_counter_reseeds_from_rows(tmp_path: Path) -> None:
-    """Even if the conversation row's last_seq lags the messages, seq never repeats."""
-    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
-    await store.start()
-    conv = (await store.create_conversation(customer_id="c")).id
-    for n in range(3):
-        await store.append(msg(conv, n))
-    await store.close()
-    with sqlite3.connect(tmp_path / "kefu.sqlite3") as db:
-        db.execute("UPDATE conversations SET last_seq = 0 WHERE id = ?", (conv,))
-    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
-    await store.start()
-    try:
-        assert (await store.append(msg(conv, 3))).seq == 4
-    finally:
-        await store.close()
-
-
 async def test_sqlite_bounded_caches_stay_correct(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,7 +201,6 @@ def test_sqlite_dedupe_query_uses_the_index(tmp_path: Path) -> None:
     details = [row[3] for row in plan]
     assert any("SEARCH m USING INDEX messages_idempotency" in d for d in details), details
     assert not any(d.startswith("SCAN m") or d == "SCAN messages" for d in details), details
-
 
 
 async def test_sqlite_writer_process_death_never_acks_and_recovers(

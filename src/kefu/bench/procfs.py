@@ -36,13 +36,29 @@ def parse_cpu_ticks(stat: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def parse_ppid(stat: str) -> int:
+    """The parent pid (field 4) from a /proc/PID/stat line."""
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system, all threads) ``pid`` has used, in seconds."""
+    """CPU time (user + system, all threads) ``pid`` and its live child processes have
+    used, in seconds: a node's SQLite writer runs in a child process."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    return parse_cpu_ticks(stat) / os.sysconf("SC_CLK_TCK")
+    ticks = parse_cpu_ticks(stat)
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or entry.name == str(pid):
+            continue
+        try:
+            child = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if parse_ppid(child) == pid:
+            ticks += parse_cpu_ticks(child)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_model() -> str:

@@ -418,8 +418,8 @@ def _notes(results: LocalResults) -> list[str]:
         best = sat.best or sat.steps[0]
         notes.append(
             f"- **At the best held step** ({_num(best.offered)} msg/s offered) the node "
-            f"process used {best.server_cpu:.0%} of one core (all its threads: the event "
-            f"loop plus the SQLite writer) and the generator {best.client_cpu:.0%} "
+            f"used {best.server_cpu:.0%} of one core (the event loop process with its "
+            f"threads plus its SQLite writer process) and the generator {best.client_cpu:.0%} "
             "(summed over its processes). A Python event loop runs on one core: once the "
             "node's loop is near 100% of a core, acks and pushes queue up and p99 grows."
         )

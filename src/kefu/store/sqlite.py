@@ -493,9 +493,12 @@ class SQLiteStore(MessageStore):
 
         def run(conn: sqlite3.Connection) -> list[ConversationSummary]:
             rows = conn.execute(
-                f"SELECT {cols}, c.last_seq, p.read_seq FROM participants p "
-                "JOIN conversations c ON c.id = p.conversation_id "
-                "WHERE p.user_id = ? ORDER BY c.updated_at DESC LIMIT ?",
+                f"SELECT {cols}, "
+                "COALESCE((SELECT MAX(seq) FROM messages m WHERE m.conversation_id = c.id), 0)"
+                " AS last_seq, p.read_seq, COALESCE((SELECT ts FROM messages m WHERE "
+                "m.conversation_id = c.id ORDER BY seq DESC LIMIT 1), c.updated_at) AS active "
+                "FROM participants p JOIN conversations c ON c.id = p.conversation_id "
+                "WHERE p.user_id = ? ORDER BY active DESC LIMIT ?",
                 (user_id, limit),
             ).fetchall()
             return [

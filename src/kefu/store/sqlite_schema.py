@@ -21,8 +21,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     context_type TEXT,
     context BLOB,
     created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL DEFAULT 0
+    updated_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conversations_customer ON conversations (customer_id, updated_at);
 CREATE INDEX IF NOT EXISTS conversations_agent ON conversations (agent_id, updated_at);

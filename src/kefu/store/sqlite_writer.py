@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Most conversations whose seq counter the writer keeps in memory.
 SEQ_CACHE_SIZE = 100_000
+#: WAL size (pages) past which the writer checkpoints itself so that the WAL restarts.
+WAL_RESET_PAGES = 4000
 
 # -- jobs and results ----------------------------------------------------------------------
 
@@ -123,14 +125,17 @@ class NoSuchConversation(Exception):
 
 class BatchWriter:
     def __init__(
-        self, path: Path, synchronous: str = "FULL", checkpoint_interval: float = 1.0
+        self, path: Path, synchronous: str = "FULL", checkpoint_interval: float = 0.2
     ) -> None:
         self.conn = connect(path, synchronous)
         apply_schema(self.conn)
         # Checkpoints copy the WAL into the database file and fsync it: tens of ms that
-        # would land on whichever commit crossed the threshold. A thread of ours does them
-        # instead, beside the commits (PASSIVE never blocks the writer).
-        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        # would land on whichever commit crossed the threshold. A thread of ours does most
+        # of that beside the commits (PASSIVE never blocks the writer).
+        # The thread keeps the WAL mostly copied; the writer's own checkpoint past
+        # WAL_RESET_PAGES then has little left to do and lets the WAL start over (a
+        # checkpoint beside a busy writer never catches up, so the file would grow).
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_RESET_PAGES}")
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop,
@@ -179,7 +184,6 @@ class BatchWriter:
                 stored = self._append_many([jobs[i] for i in appends])  # type: ignore[misc]
                 for i, result in zip(appends, stored, strict=True):
                     results[i] = result
-            self._flush_seq()
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback()
@@ -206,27 +210,17 @@ class BatchWriter:
         last = self._last_seq.get(conv)
         if last is None:
             row = self.conn.execute(
-                "SELECT last_seq, (SELECT MAX(seq) FROM messages WHERE conversation_id = ?) "
+                "SELECT (SELECT MAX(seq) FROM messages WHERE conversation_id = ?) "
                 "FROM conversations WHERE id = ?",
                 (conv, conv),
             ).fetchone()
             if row is None:
                 raise NoSuchConversation(f"conversation {conv!r} does not exist")
-            last = max(row[0], row[1] or 0)
+            last = row[0] or 0
         last += 1
         self._last_seq[conv] = last
         self._dirty.add(conv)
         return last
-
-    def _flush_seq(self) -> None:
-        """Record the batch's new last seqs: one statement per 64 conversations."""
-        for chunk in pow2_chunks(sorted(self._dirty)):
-            self.conn.execute(
-                "UPDATE conversations SET updated_at = ?, last_seq = (SELECT MAX(seq) FROM "
-                "messages WHERE conversation_id = conversations.id) "
-                f"WHERE id IN ({','.join('?' * len(chunk))})",
-                (ids.now_ms(), *chunk),
-            )
 
     def _append_many(self, jobs: list[Append]) -> list[Stored]:
         keys = [(j.conv, j.sender, j.client_msg_id) for j in jobs if j.client_msg_id is not None]
