@@ -186,13 +186,27 @@ class ClientError(KefuError):
 class RemoteError(ClientError):
     """The server answered with an ``error`` frame; ``code`` is its error code."""
 
-    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+    ) -> None:
         try:
             known: ErrorCode | None = ErrorCode(code)
         except ValueError:
             known = None
         super().__init__(message, code=known or ErrorCode.INTERNAL, retry_after=retry_after)
         self.raw_code = code
+        # What the frame says wins: a code this version does not know is retried only when
+        # the server marked it retryable.
+        self._retryable = (known in RETRYABLE_CODES) if retryable is None else retryable
+
+    @property
+    def retryable(self) -> bool:
+        return self._retryable
 
 
 class ConnectionClosed(ClientError):

@@ -12,8 +12,10 @@ replies on the session. Every operation is authorised here, by role:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -117,13 +119,15 @@ class ChatService:
             elif isinstance(request, f.History):
                 await self.history(session, request)
             elif isinstance(request, f.Read):
-                await self.read(session, request)
+                with self._counted():  # a write: a drain waits for its reply
+                    await self.read(session, request)
             elif isinstance(request, f.Typing):
                 await self.typing(session, request)
             elif isinstance(request, f.Ping):
                 session.send(f.Pong(ts=ids.now_ms(), id=request.id))
             elif isinstance(request, f.Open):
-                await self.open(session, request)
+                with self._counted():
+                    await self.open(session, request)
             elif isinstance(request, f.ListConversations):
                 await self.list_conversations(session, request)
             else:  # pragma: no cover - the protocol only yields the ops above
@@ -154,17 +158,41 @@ class ChatService:
         received = time.perf_counter()
         principal = session.principal
         assert principal is not None
+        self._refuse_if_draining(request.type)
+        # Counted from here, so that a drain waits for a send whose lookup is in progress.
+        self._begin()
+        try:
+            self._submit(session, request, principal, received, await self._for_send(request))
+        except BaseException:
+            self._end()
+            raise
+
+    def _refuse_if_draining(self, message_type: str) -> None:
         if self.draining:
-            self.metrics.message_result(request.type, "rejected").inc()
+            self.metrics.message_result(message_type, "rejected").inc()
             raise KefuError(
                 "node is shutting down: reconnect and resend", code=ErrorCode.SHUTTING_DOWN
             )
+
+    async def _for_send(self, request: f.Send) -> Conversation | None:
+        # The common case (a cache hit) must not allocate a coroutine.
+        conv = self.store.cached_conversation(request.conv)
+        if conv is None:
+            conv = await self.store.get_conversation(request.conv)
+        return conv
+
+    def _submit(
+        self,
+        session: Session,
+        request: f.Send,
+        principal: Principal,
+        received: float,
+        found: Conversation | None,
+    ) -> None:
+        """Authorise and hand the message to the store; the ack follows the commit."""
+        self._refuse_if_draining(request.type)  # the lookup may have awaited
         try:
-            # The common case (a cache hit) must not allocate a coroutine.
-            conv = self.store.cached_conversation(request.conv)
-            if conv is None:
-                conv = await self.store.get_conversation(request.conv)
-            conv = self._authorized(principal, conv, request.conv)
+            conv = self._authorized(principal, found, request.conv)
         except KefuError:
             self.metrics.message_result(request.type, "rejected").inc()
             raise
@@ -186,7 +214,6 @@ class ChatService:
         except StoreError:
             self.metrics.message_result(request.type, "failed").inc()
             raise
-        self._begin()
         future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
 
     def _stored(
@@ -204,7 +231,12 @@ class ChatService:
                 code = exc.code if isinstance(exc, KefuError) else ErrorCode.STORE_UNAVAILABLE
                 if not isinstance(exc, KefuError):
                     log.error("append failed unexpectedly", exc_info=exc)
-                self.reply_error(session, code, f"not stored: {exc}; resend later", request.id)
+                self.reply_error(
+                    session,
+                    code,
+                    f"not acknowledged ({exc}): resend with the same client_msg_id",
+                    request.id,
+                )
                 return
             stored = future.result()
             if stored.duplicate and (stored.type, stored.body) != (
@@ -232,10 +264,10 @@ class ChatService:
                 )
             )
             self.metrics.ack_latency.observe(time.perf_counter() - received)
-            if stored.duplicate:
-                self.metrics.message_result(request.type, "duplicate").inc()
-                return
-            self.metrics.message_result(request.type, "stored").inc()
+            # A duplicate is pushed again: its first push may never have happened (the
+            # writer can die between commit and reply). Clients dedupe by (conv, seq).
+            result = "duplicate" if stored.duplicate else "stored"
+            self.metrics.message_result(request.type, result).inc()
             self.metrics.push_kind("message").inc()
             self.broker.deliver(
                 conv.participants(),
@@ -243,6 +275,14 @@ class ChatService:
                 received=received,
                 exclude=session,
             )
+        finally:
+            self._end()
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self._begin()
+        try:
+            yield
         finally:
             self._end()
 

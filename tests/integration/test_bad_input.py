@@ -851,7 +851,15 @@ async def test_idempotent_resend(server: Server, http: aiohttp.ClientSession) ->
         assert third["seq"] == 1
         nxt = await customer.request(text_send(conv, 2, "next"))
         assert nxt["seq"] == 2
-        assert (await agent.recv_op("message"))["seq"] == 2  # no second push of seq 1
+        # Duplicates are pushed again (the first push may never have happened); the
+        # repeats carry the same seq and msg_id, so clients dedupe them by (conv, seq).
+        pushes = [await agent.recv_op("message")]
+        while pushes[-1]["seq"] != 2:
+            pushes.append(await agent.recv_op("message"))
+        assert {(p["seq"], p["msg_id"]) for p in pushes} == {
+            (1, first["msg_id"]),
+            (2, nxt["msg_id"]),
+        }
         assert [m["seq"] for m in await sync_all(agent, conv)] == [1, 2]
 
 
@@ -907,6 +915,8 @@ async def test_idempotency_conflict(server: Server, http: aiohttp.ClientSession)
         stored = await customer.request(card_send)
         assert stored["op"] == "ack", stored
         assert stored["seq"] == 2
+        # the identical resend above was pushed again (seq 1, deduplicated by clients)
+        assert (await agent.recv_op("message"))["seq"] == 1
         assert (await agent.recv_op("message"))["seq"] == 2
         again = await customer.request(
             dict(card_send, id="card-again", body=dict(card, currency="CNY"))
@@ -917,7 +927,9 @@ async def test_idempotency_conflict(server: Server, http: aiohttp.ClientSession)
             dict(card_send, id="card-usd", body=dict(card, currency="USD"))
         )
         assert changed["code"] == "idempotency_conflict", changed
-        # the other participant saw nothing more; the store holds the originals only
+        # the other participant saw only the re-push of the duplicate card, nothing of
+        # the conflicts; the store holds the originals only
+        assert (await agent.recv_op("message"))["seq"] == 2
         assert (await agent.request({"op": "ping", "id": "p"}))["op"] == "pong"
         messages = await sync_all(agent, conv)
         assert [(m["seq"], m["type"]) for m in messages] == [(1, "text"), (2, "order_card")]

@@ -223,7 +223,7 @@ async def test_documented_session(server: Server) -> None:
             "client_msg_id": cmid,
         }
 
-    # -- idempotent resend: same client_msg_id -> the original ack, duplicate, no push -----
+    # -- idempotent resend: same client_msg_id -> the original ack, duplicate, a re-push ----
     dup = await cust.request(
         {
             "op": "send",
@@ -240,6 +240,9 @@ async def test_documented_session(server: Server) -> None:
         acks[0]["msg_id"],
         acks[0]["ts"],
     )
+    # the other side gets the message again, same seq and msg_id: deduplicate by (conv, seq)
+    repush = await agent.op("message")
+    assert (repush["seq"], repush["msg_id"]) == (acks[0]["seq"], acks[0]["msg_id"])
     # the same client_msg_id with another body or type: idempotency_conflict, not stored
     for n, (kind, body) in enumerate(
         [

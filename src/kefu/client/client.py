@@ -27,7 +27,6 @@ import aiohttp
 import msgspec
 
 from kefu.errors import (
-    RETRYABLE_CODES,
     ConnectionClosed,
     ErrorCode,
     RemoteError,
@@ -75,6 +74,8 @@ class Client:
         request_timeout: float = 10.0,
         send_attempts: int = 20,
         compress: bool = False,
+        heartbeat: float | None = 20.0,
+        max_events: int = 1000,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url.rstrip("/")
@@ -85,6 +86,9 @@ class Client:
         self.request_timeout = request_timeout
         self.send_attempts = send_attempts
         self.compress = compress
+        #: Seconds between WebSocket pings; a connection without a pong in half of it is
+        #: considered dead and re-opened (a black-holed path never says goodbye).
+        self.heartbeat = heartbeat
         self._http = session
         self._own_http = session is None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -97,8 +101,9 @@ class Client:
         self._waiters: set[asyncio.Future[None]] = set()
         self._syncing: dict[str, asyncio.Task[None]] = {}
         self._ahead: dict[str, dict[int, f.Message]] = {}
-        self._inbox: asyncio.Queue[f.Message] = asyncio.Queue()
-        self.events: asyncio.Queue[f.ServerEvent] = asyncio.Queue()
+        self._inbox: asyncio.Queue[f.Message | None] = asyncio.Queue()
+        #: Pushes other than messages (typing, read receipts, notices...), newest kept.
+        self.events: asyncio.Queue[f.ServerEvent] = asyncio.Queue(maxsize=max_events)
         #: Highest seq per conversation up to which every message has been delivered.
         self.last_seq: dict[str, int] = {}
         self.hello: f.Hello | None = None
@@ -113,7 +118,18 @@ class Client:
             self._http = aiohttp.ClientSession()
         await self._open()
         self._runner = asyncio.get_running_loop().create_task(self._run())
+        self._runner.add_done_callback(self._runner_done)
         await self._resume()
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        """However the runner ends, waiters and readers of messages() are released."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection runner failed: %r", task.exception())
+            self._fatal = self._fatal or ConnectionClosed(
+                None, f"client failed: {task.exception()}"
+            )
+        self._fail_pending(self._fatal or ConnectionClosed(None, "client closed"))
+        self._inbox.put_nowait(None)
 
     async def close(self) -> None:
         self._closed = True
@@ -126,6 +142,7 @@ class Client:
         for task in list(self._syncing.values()):
             task.cancel()
         self._fail_pending(ConnectionClosed(None, "client closed"))
+        self._inbox.put_nowait(None)
         if self._own_http and self._http is not None:
             await self._http.close()
 
@@ -147,9 +164,21 @@ class Client:
             params={"user_id": self.user_id},
             headers={"Authorization": f"Bearer {token}"},
             compress=15 if self.compress else 0,
-            heartbeat=None,
+            heartbeat=self.heartbeat,
             autoping=True,
         )
+        try:
+            event = await self._hello(ws)
+        except BaseException:
+            await ws.close()
+            raise
+        self.hello = event
+        self._ws = ws
+        self._connected.set()
+        self._wake()
+
+    async def _hello(self, ws: aiohttp.ClientWebSocketResponse) -> f.Hello:
+        """The server's first frame: hello, or the error that precedes its close."""
         msg = await ws.receive(timeout=self.request_timeout)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             await ws.close()
@@ -161,10 +190,7 @@ class Client:
             raise ConnectionClosed(ws.close_code, f"{event.code}: {event.message}")
         if not isinstance(event, f.Hello):
             raise ConnectionClosed(None, f"expected hello, got {event!r}")
-        self.hello = event
-        self._ws = ws
-        self._connected.set()
-        self._wake()
+        return event
 
     async def _run(self) -> None:
         """Receive until the connection ends; reconnect while that is allowed."""
@@ -203,7 +229,7 @@ class Client:
                     self._fatal = exc
                     self._fail_pending(exc)
                     return False
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # network, a bad first frame, a failing token source
                 log.debug("reconnect failed: %r", exc)
             else:
                 self.backoff.reset()
@@ -228,7 +254,12 @@ class Client:
             if not future.done():
                 if isinstance(event, f.Error):
                     future.set_exception(
-                        RemoteError(event.code, event.message, retry_after=event.retry_after)
+                        RemoteError(
+                            event.code,
+                            event.message,
+                            retry_after=event.retry_after,
+                            retryable=event.retryable,
+                        )
                     )
                 else:
                     future.set_result(event)  # type: ignore[arg-type]
@@ -236,6 +267,8 @@ class Client:
         if isinstance(event, f.Message):
             self._accept(event)
         else:
+            if self.events.full():  # nobody reads them: keep the newest
+                self.events.get_nowait()
             self.events.put_nowait(event)
 
     def _wake(self) -> None:
@@ -288,15 +321,21 @@ class Client:
         finally:
             self._pending.pop(request_id, None)
 
-    async def _retrying(self, frame: f.ClientRequest, attempts: int) -> Reply:
-        """Repeat a request across reconnects and retryable errors."""
+    async def _retrying(
+        self, frame: f.ClientRequest, attempts: int, *, idempotent: bool = True
+    ) -> Reply:
+        """Repeat a request across reconnects and retryable errors.
+
+        A request that is not idempotent is repeated only after an error that says it was
+        not carried out, never after a lost connection or reply (it may have been).
+        """
         backoff = Backoff(self.backoff.initial, self.backoff.cap)
         last: Exception | None = None
         for _ in range(attempts):
             try:
                 return await self._request(frame)
             except RemoteError as exc:
-                if exc.code not in RETRYABLE_CODES:
+                if not exc.retryable:
                     raise
                 last = exc
                 await asyncio.sleep(max(exc.retry_after or 0.0, backoff.next()))
@@ -304,6 +343,8 @@ class Client:
                 last = exc
                 if self._fatal is not None:
                     raise self._fatal from exc
+                if not idempotent:
+                    raise
                 await asyncio.sleep(backoff.next() / 4)
         raise last or TimeoutError("request failed")
 
@@ -354,7 +395,10 @@ class Client:
         customer_id: str | None = None,
         group: str | None = None,
     ) -> f.ConversationInfo:
-        reply = await self._retrying(f.Open(customer_id=customer_id, group=group), 3)
+        # `open` has no idempotency key: never repeated when its outcome is unknown.
+        reply = await self._retrying(
+            f.Open(customer_id=customer_id, group=group), 3, idempotent=False
+        )
         assert isinstance(reply, f.Conversation)
         self.last_seq.setdefault(reply.conversation.conv, 0)
         return reply.conversation
@@ -438,13 +482,23 @@ class Client:
                 self._start_sync(info.conv)
 
     async def next_message(self, timeout: float | None = None) -> f.Message:
-        """The next message in delivery order (waits up to ``timeout`` seconds)."""
-        return await asyncio.wait_for(self._inbox.get(), timeout)
+        """The next message in delivery order (waits up to ``timeout`` seconds).
+
+        Raises :class:`ConnectionClosed` once the client is closed or has given up.
+        """
+        message = await asyncio.wait_for(self._inbox.get(), timeout)
+        if message is None:
+            self._inbox.put_nowait(None)  # for every other reader too
+            raise self._fatal or ConnectionClosed(None, "client closed")
+        return message
 
     async def messages(self) -> AsyncIterator[f.Message]:
-        """Every message, exactly once, in seq order per conversation."""
+        """Every message, exactly once, in seq order per conversation; ends on close."""
         while True:
-            yield await self._inbox.get()
+            try:
+                yield await self.next_message()
+            except ConnectionClosed:
+                return
 
     @property
     def connected(self) -> bool:

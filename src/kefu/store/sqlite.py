@@ -26,6 +26,7 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,10 @@ DEFAULT_MAX_PENDING = 5000
 OVERLOAD_RETRY_AFTER = 0.5
 #: Pause before a writer process that died is started again.
 RESTART_DELAY = 1.0
+#: A write unanswered this long makes the store unready (a hung writer or disk).
+STALL_SECONDS = 10.0
+#: How long closing waits for the writer to finish what it was given.
+CLOSE_TIMEOUT = 30.0
 
 
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
@@ -101,6 +106,10 @@ class _Runner(abc.ABC):
     async def close(self) -> None:
         """Let every submitted job finish, then stop."""
 
+    def oldest_inflight(self) -> float:
+        """Seconds the oldest unanswered write has waited (0 when unknown or none)."""
+        return 0.0
+
 
 class _ThreadRunner(_Runner):
     _STOP = object()
@@ -124,6 +133,8 @@ class _ThreadRunner(_Runner):
         self._thread.start()
 
     def submit(self, job: w.Job, future: asyncio.Future[w.Result]) -> None:
+        if not self.alive:
+            raise StoreError("the store writer thread is not running")
         self._queue.put((job, future))
 
     def _loop_forever(self, writer: w.BatchWriter) -> None:
@@ -163,7 +174,10 @@ class _ProcessRunner(_Runner):
         self._reader: asyncio.Task[None] | None = None
         self._outgoing: list[w.Job] = []
         self._outgoing_futures: list[asyncio.Future[w.Result]] = []
-        self._inflight: collections.deque[list[asyncio.Future[w.Result]]] = collections.deque()
+        # Request frames sent and not yet answered: (when sent, their futures).
+        self._inflight: collections.deque[tuple[float, list[asyncio.Future[w.Result]]]] = (
+            collections.deque()
+        )
         self._flush_scheduled = False
         self._closing = False
         self._alive = False
@@ -191,8 +205,11 @@ class _ProcessRunner(_Runner):
                 proc.kill()
             await proc.wait()
             raise StoreError(f"the store writer process did not start ({exc!r})") from exc
-        if ready != w.READY:
-            raise StoreError("the store writer process answered nonsense")
+        if ready != w.READY or self._closing:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise StoreError("the store writer process answered nonsense or is not wanted")
         self._proc = proc
         self._alive = True
         self._reader = asyncio.get_running_loop().create_task(self._read_replies(proc))
@@ -222,7 +239,7 @@ class _ProcessRunner(_Runner):
         if not self._alive or proc is None or proc.stdin is None or proc.stdin.is_closing():
             self.done(futures, [_LOST] * len(futures), 0, 0.0)
             return
-        self._inflight.append(futures)
+        self._inflight.append((time.monotonic(), futures))
         proc.stdin.write(w.frame(w.encoder.encode(jobs)))
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
@@ -230,7 +247,7 @@ class _ProcessRunner(_Runner):
         try:
             while True:
                 reply = w.reply_decoder.decode(await self._read_frame(proc.stdout))
-                futures = self._inflight.popleft()
+                _, futures = self._inflight.popleft()
                 self.done(futures, reply.results, reply.batch_size, reply.seconds)
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.MsgspecError) as exc:
             if not self._closing:
@@ -238,9 +255,10 @@ class _ProcessRunner(_Runner):
         finally:
             self._alive = False
             # Whatever was in flight may or may not be committed: never ack it. Clients
-            # resend with the same client_msg_id and the resend finds the stored row.
+            # resend with the same client_msg_id and the resend finds the stored row (and
+            # pushes it, if it had been stored).
             while self._inflight:
-                futures = self._inflight.popleft()
+                _, futures = self._inflight.popleft()
                 self.done(futures, [_LOST] * len(futures), 0, 0.0)
             if not self._closing:
                 asyncio.get_running_loop().create_task(self._restart())
@@ -254,10 +272,11 @@ class _ProcessRunner(_Runner):
             await asyncio.sleep(RESTART_DELAY)
             try:
                 await self.start()
+            except Exception as exc:  # EMFILE, ENOMEM...: keep trying
+                log.error("cannot restart the store writer process: %r", exc)
+            else:
                 log.warning("the store writer process is back")
                 return
-            except StoreError as exc:
-                log.error("%s", exc)
 
     async def close(self) -> None:
         self._closing = True
@@ -267,17 +286,26 @@ class _ProcessRunner(_Runner):
             return
         if proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.close()  # EOF: the writer finishes every frame it has, then exits
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await self._reader
         try:
-            await asyncio.wait_for(proc.wait(), 30)
+            if self._reader is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._reader, CLOSE_TIMEOUT)
+            await asyncio.wait_for(proc.wait(), CLOSE_TIMEOUT)
         except TimeoutError:
-            proc.kill()
+            log.error("the store writer process did not finish in time: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             await proc.wait()
 
+    def oldest_inflight(self) -> float:
+        """Seconds the oldest unanswered request frame has waited (0 when none)."""
+        return time.monotonic() - self._inflight[0][0] if self._inflight else 0.0
 
-_LOST = w.Failed(code="store_unavailable", message="the store writer stopped before committing")
+
+_LOST = w.Failed(
+    code="store_unavailable",
+    message="the store writer stopped: outcome unknown, resend with the same client_msg_id",
+)
 
 
 class SQLiteStore(MessageStore):
@@ -463,6 +491,9 @@ class SQLiteStore(MessageStore):
     async def ping(self) -> None:
         if self._runner is None or not self._runner.alive:
             raise StoreError("the store writer is not running")
+        stalled = self._runner.oldest_inflight()
+        if stalled > STALL_SECONDS:
+            raise StoreError(f"a write has waited {stalled:.0f}s for the store writer")
         await self._read("ping", lambda conn: conn.execute("SELECT 1").fetchone())
 
     def cached_conversation(self, conv_id: str) -> Conversation | None:

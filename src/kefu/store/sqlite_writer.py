@@ -187,6 +187,10 @@ class BatchWriter:
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback()
+            if isinstance(exc, sqlite3.OperationalError):  # busy, I/O, full: the whole batch
+                log.error("batch of %d failed: %s", len(jobs), exc)
+                failed = Failed(code="store_unavailable", message=f"store error: {exc}")
+                return [failed] * len(jobs), time.perf_counter() - started
             if len(jobs) > 1:
                 log.warning("batch of %d failed (%s): retrying one by one", len(jobs), exc)
                 out = [self.run([job])[0][0] for job in jobs]
@@ -265,7 +269,8 @@ class BatchWriter:
 
     def _create(self, job: Create) -> Done:
         self.conn.execute(
-            f"INSERT INTO conversations ({CONV_COLUMNS}, updated_at) "
+            # OR IGNORE: a job resent after a writer restart may have committed already.
+            f"INSERT OR IGNORE INTO conversations ({CONV_COLUMNS}, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
@@ -283,7 +288,8 @@ class BatchWriter:
         if job.agent_id is not None and job.agent_id != job.customer_id:
             rows.append((job.id, job.agent_id, "agent"))
         self.conn.executemany(
-            "INSERT INTO participants (conversation_id, user_id, role) VALUES (?, ?, ?)", rows
+            "INSERT OR IGNORE INTO participants (conversation_id, user_id, role) VALUES (?, ?, ?)",
+            rows,
         )
         self._last_seq[job.id] = 0
         return Done()
