@@ -162,7 +162,11 @@ class ChatService:
         # Counted from here, so that a drain waits for a send whose lookup is in progress.
         self._begin()
         try:
-            self._submit(session, request, principal, received, await self._for_send(request))
+            # The common case (a cache hit) must not allocate a coroutine.
+            found = self.store.cached_conversation(request.conv)
+            if found is None:
+                found = await self.store.get_conversation(request.conv)
+            self._submit(session, request, principal, received, found)
         except BaseException:
             self._end()
             raise
@@ -173,13 +177,6 @@ class ChatService:
             raise KefuError(
                 "node is shutting down: reconnect and resend", code=ErrorCode.SHUTTING_DOWN
             )
-
-    async def _for_send(self, request: f.Send) -> Conversation | None:
-        # The common case (a cache hit) must not allocate a coroutine.
-        conv = self.store.cached_conversation(request.conv)
-        if conv is None:
-            conv = await self.store.get_conversation(request.conv)
-        return conv
 
     def _submit(
         self,
