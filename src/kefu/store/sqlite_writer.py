@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: Most conversations whose seq counter the writer keeps in memory.
 SEQ_CACHE_SIZE = 100_000
 #: WAL size (pages) past which the writer checkpoints itself so that the WAL restarts.
-WAL_RESET_PAGES = 4000
+WAL_RESET_PAGES = 16000
 
 # -- jobs and results ----------------------------------------------------------------------
 
