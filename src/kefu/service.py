@@ -368,6 +368,10 @@ class ChatService:
         principal = session.principal
         assert principal is not None
         conv = await self._conversation(principal, request.conv)
+        if principal.user_id not in conv.participants():
+            # An admin looking in marks nothing and tells no one.
+            session.send(f.Ok(id=request.id))
+            return
         last = await self.store.last_seq(conv.id)
         mark = await self.store.mark_read(conv.id, principal.user_id, min(request.seq, last))
         session.send(f.Ok(id=request.id))

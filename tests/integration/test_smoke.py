@@ -33,3 +33,28 @@ async def test_send_ack_push_sync(connect: Connect) -> None:
     assert ok["op"] == "ok"
     receipt = await customer.recv_op("read")
     assert receipt == {"op": "read", "conv": conv, "user": "agent-1", "seq": 1}
+
+
+async def test_admin_read_marks_nothing_and_pushes_nothing(connect: Connect) -> None:
+    agent = await connect("agent-2", "agent")
+    customer = await connect("cust-2", "customer")
+    admin = await connect("boss", "admin")
+    conv = await open_conversation(agent, "cust-2")
+    await customer.recv_op("conversation")
+    ack = await customer.request(
+        {
+            "op": "send",
+            "id": 1,
+            "conv": conv,
+            "client_msg_id": "m1",
+            "type": "text",
+            "body": {"text": "hi"},
+        }
+    )
+    assert ack["seq"] == 1
+    assert (await admin.request({"op": "read", "id": 2, "conv": conv, "seq": 1}))["op"] == "ok"
+    # no receipt reached the participants: the customer's next frame is its pong
+    await customer.send({"op": "ping", "id": "p"})
+    assert (await customer.recv())["op"] == "pong"
+    listed = await customer.request({"op": "convs", "id": "c"})
+    assert listed["conversations"][0].get("read_seq", 0) == 0
