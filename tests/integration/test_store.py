@@ -240,3 +240,41 @@ async def test_sqlite_writer_process_death_never_acks_and_recovers(
             assert by_seq[ack.seq].msg_id == ack.msg_id
     finally:
         await store.close()
+
+
+async def test_sqlite_hung_writer_is_killed_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that stops answering (SIGSTOP here) is killed after STALL_SECONDS:
+    its writes fail as 'outcome unknown', a new writer takes over, nothing is duplicated."""
+    import os
+    import signal
+
+    import kefu.store.sqlite as sqlite_store
+    from kefu.errors import StoreError
+
+    monkeypatch.setattr(sqlite_store, "RESTART_DELAY", 0.05)
+    monkeypatch.setattr(sqlite_store, "STALL_SECONDS", 0.5)
+    store = SQLiteStore(tmp_path / "kefu.sqlite3", metrics=Metrics())
+    await store.start()
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        runner = store._runner
+        assert isinstance(runner, sqlite_store._ProcessRunner) and runner._proc is not None
+        os.kill(runner._proc.pid, signal.SIGSTOP)
+        stuck = store.submit(msg(conv, 0))
+        await asyncio.sleep(0.7)
+        with pytest.raises(StoreError):
+            await store.ping()  # not ready while stalled (or already restarting)
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(stuck, 10)
+        for _ in range(200):
+            if runner.alive:
+                break
+            await asyncio.sleep(0.05)
+        assert runner.alive
+        # the resend is stored once, as seq 1
+        assert (await store.append(msg(conv, 0))).seq == 1
+        assert (await store.append(msg(conv, 0))).duplicate
+    finally:
+        await store.close()

@@ -181,6 +181,7 @@ class _ProcessRunner(_Runner):
         self._flush_scheduled = False
         self._closing = False
         self._alive = False
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -212,7 +213,24 @@ class _ProcessRunner(_Runner):
             raise StoreError("the store writer process answered nonsense or is not wanted")
         self._proc = proc
         self._alive = True
-        self._reader = asyncio.get_running_loop().create_task(self._read_replies(proc))
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_replies(proc))
+        if self._watchdog is None:
+            self._watchdog = loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Kill a writer that stopped answering (hung disk, SIGSTOP, a bug): the death
+        path then fails what it had (outcome unknown, clients resend) and restarts it."""
+        while not self._closing:
+            await asyncio.sleep(min(1.0, STALL_SECONDS / 4))
+            proc = self._proc
+            if self._alive and proc is not None and self.oldest_inflight() > STALL_SECONDS:
+                log.error(
+                    "the store writer has not answered for %.1fs: killing it",
+                    self.oldest_inflight(),
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     @staticmethod
     async def _read_frame(stream: asyncio.StreamReader) -> bytes:
@@ -280,6 +298,8 @@ class _ProcessRunner(_Runner):
 
     async def close(self) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._flush()
         proc = self._proc
         if proc is None:
