@@ -185,3 +185,24 @@ def test_remote_error_retryable_follows_the_frame() -> None:
     assert not RemoteError("some_future_code", "x").retryable
     assert RemoteError("some_future_code", "x", retryable=True).retryable
     assert not RemoteError("internal", "x", retryable=False).retryable
+
+
+async def test_background_sync_is_retried_until_it_succeeds(server: Server) -> None:
+    client = Client(server.url, "cust-sync", token("cust-sync"), backoff=Backoff(0.01, 0.02))
+    await client.connect()
+    calls = 0
+
+    async def flaky_sync(conv: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise TimeoutError("no reply")
+
+    client.sync = flaky_sync  # type: ignore[method-assign]
+    try:
+        client._start_sync("some-conv")
+        await asyncio.wait_for(client._syncing["some-conv"], 5)
+        assert calls == 3
+        assert "some-conv" not in client._syncing
+    finally:
+        await client.close()

@@ -467,8 +467,22 @@ class Client:
 
     def _start_sync(self, conv: str) -> None:
         async def run() -> None:
+            backoff = Backoff(self.backoff.initial, self.backoff.cap)
             try:
-                await self.sync(conv)
+                while True:  # a gap must not stay open: retry until synced or closed
+                    try:
+                        await self.sync(conv)
+                        return
+                    except ConnectionClosed:
+                        return  # closed, or gave up for good
+                    except RemoteError as exc:
+                        if not exc.retryable:  # forbidden, not_found: retrying cannot help
+                            raise
+                    except (ConnectionResetError, TimeoutError, aiohttp.ClientError):
+                        pass
+                    if self._closed or self._fatal is not None:
+                        return
+                    await asyncio.sleep(backoff.next())
             finally:
                 self._syncing.pop(conv, None)
 
