@@ -15,6 +15,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,8 @@ from kefu.transport.base import Transport
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+#: Per-process prefix: session ids stay unique across the nodes of a cluster.
+_PREFIX = secrets.token_hex(4)
 
 #: Outbox item kinds.
 PUSH, EPHEMERAL, PING = 0, 1, 2
@@ -70,7 +73,7 @@ class Session:
         on_closed: Callable[[Session], None],
     ) -> None:
         now = time.monotonic()
-        self.id = f"s{next(_ids)}"
+        self.id = f"{_PREFIX}-{next(_ids)}"
         self.transport = transport
         self.metrics = metrics
         self.protocol = protocol
