@@ -197,12 +197,15 @@ class Client:
         while not self._closed:
             ws = self._ws
             assert ws is not None
+            code: int | None = None
             try:
-                await self._receive(ws)
+                code = await self._receive(ws)
+            except Exception as exc:  # a broken socket: treat it as a dropped connection
+                log.debug("receive failed: %r", exc)
+                code = ws.close_code or 1006
             finally:
                 self._connected.clear()
                 self._fail_pending(None)
-            code = ws.close_code
             self.close_codes.append(code)
             if self._closed:
                 return
@@ -236,8 +239,22 @@ class Client:
                 return True
         return False
 
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> int | None:
+        """Dispatch frames until the connection ends; return the server's close code.
+
+        The code comes from the close frame itself: aiohttp reports 1006 when its reply
+        to a close cannot be written (a server may close TCP right after its close frame).
+        """
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.CLOSE:
+                return int(msg.data)
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                return ws.close_code
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
             try:
