@@ -610,17 +610,5 @@ def _settle(future: asyncio.Future[StoredMessage], result: w.Result) -> None:
         future.set_exception(_failure(result))
     else:
         assert isinstance(result, w.Stored)
-        future.set_result(
-            StoredMessage(
-                conv=result.conv,
-                seq=result.seq,
-                msg_id=result.msg_id,
-                sender=result.sender,
-                sender_role=result.sender_role,
-                client_msg_id=result.client_msg_id,
-                type=result.type,
-                body=result.body,
-                ts=result.ts,
-                duplicate=result.duplicate,
-            )
-        )
+        # Stored mirrors StoredMessage field for field (tests/unit/test_store_types.py).
+        future.set_result(StoredMessage(*msgspec.structs.astuple(result)))
