@@ -68,6 +68,35 @@ class StoreSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSettings:
+    """Customer-service behaviour: routing, timers and defaults (durations in seconds)."""
+
+    default_group: str = "general"
+    default_capacity: int = 10
+    max_capacity: int = 200
+    agent_offline_grace: float = 60.0
+    accept_timeout: float = 60.0
+    reopen_window: float = 24 * 3600.0
+    inactivity_warning: float = 10 * 60.0
+    inactivity_close: float = 15 * 60.0
+    queue_update_interval: float = 0.5
+    sweep_interval: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookSettings:
+    """Event delivery to HTTP receivers (see docs/operations.md)."""
+
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    webhook_timeout: float = 5.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_initial: float = 0.5
+    webhook_backoff_max: float = 60.0
+    webhook_queue_size: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything a node needs, built once at start-up and passed down."""
 
@@ -86,13 +115,21 @@ class Config:
     limits: Limits = dataclasses.field(default_factory=Limits)
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    service: ServiceSettings = dataclasses.field(default_factory=ServiceSettings)
+    webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with flat-named settings changed (``max_frame_bytes=...`` works)."""
         return build_config(base=self, overrides=changes)
 
 
-_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "timeouts": Timeouts, "store": StoreSettings}
+_SECTIONS: dict[str, type[Any]] = {
+    "limits": Limits,
+    "timeouts": Timeouts,
+    "store": StoreSettings,
+    "service": ServiceSettings,
+    "webhooks": WebhookSettings,
+}
 
 
 def _field_table() -> dict[str, tuple[str | None, Any]]:
@@ -177,6 +214,34 @@ def _validate(cfg: Config) -> None:
         (cfg.store.max_pending_writes >= 1, "max_pending_writes must be positive"),
         (cfg.store.writer in ("process", "thread"), "writer must be process or thread"),
         (cfg.store.read_threads >= 1, "read_threads must be positive"),
+        (
+            1 <= cfg.service.default_capacity <= cfg.service.max_capacity,
+            "need 1 <= default_capacity <= max_capacity",
+        ),
+        (cfg.service.agent_offline_grace >= 0, "agent_offline_grace must be >= 0"),
+        (cfg.service.accept_timeout >= 0, "accept_timeout must be >= 0 (0 disables)"),
+        (cfg.service.reopen_window >= 0, "reopen_window must be >= 0"),
+        (
+            0 <= cfg.service.inactivity_warning <= cfg.service.inactivity_close,
+            "need 0 <= inactivity_warning <= inactivity_close (0 disables)",
+        ),
+        (cfg.service.queue_update_interval >= 0, "queue_update_interval must be >= 0"),
+        (cfg.service.sweep_interval > 0, "sweep_interval must be positive"),
+        (
+            all(u.startswith(("http://", "https://")) for u in cfg.webhooks.webhook_urls),
+            "webhook_urls must be http:// or https:// URLs",
+        ),
+        (
+            not cfg.webhooks.webhook_urls or bool(cfg.webhooks.webhook_secret),
+            "webhook_urls need webhook_secret (KEFU_WEBHOOK_SECRET) to sign with",
+        ),
+        (cfg.webhooks.webhook_timeout > 0, "webhook_timeout must be positive"),
+        (cfg.webhooks.webhook_max_attempts >= 1, "webhook_max_attempts must be positive"),
+        (
+            0 < cfg.webhooks.webhook_backoff_initial <= cfg.webhooks.webhook_backoff_max,
+            "need 0 < webhook_backoff_initial <= webhook_backoff_max",
+        ),
+        (cfg.webhooks.webhook_queue_size >= 1, "webhook_queue_size must be positive"),
     ]
     for ok, why in checks:
         if not ok:

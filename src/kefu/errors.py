@@ -7,7 +7,9 @@ Exception tree::
     ├── ProtocolError            a client frame that breaks the wire protocol
     ├── AuthError                a token that is missing, forged, expired or for someone else
     ├── Forbidden                an authenticated user reaching what is not theirs
-    ├── NotFound                 an unknown conversation (reported as ``not_found``)
+    ├── NotFound                 an unknown conversation, agent or group (``not_found``)
+    ├── InvalidTransition        a lifecycle event the conversation's state does not allow
+    ├── InvalidArgument          a well-formed request with an unacceptable value
     ├── LimitExceeded            a bound was hit (rate, connections, queue)
     ├── StoreError               the system of record failed; the operation is retryable
     │   ├── StoreClosed          the store is shutting down
@@ -39,6 +41,12 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     CONVERSATION_CLOSED = "conversation_closed"
+    INVALID_TRANSITION = "invalid_transition"
+    INVALID_ARGUMENT = "invalid_argument"
+    AGENT_UNAVAILABLE = "agent_unavailable"
+    NOT_MEMBER = "not_member"
+    ALREADY_RATED = "already_rated"
+    CONFLICT = "conflict"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -159,6 +167,18 @@ class Forbidden(KefuError):
 
 class NotFound(KefuError):
     code = ErrorCode.NOT_FOUND
+
+
+class InvalidTransition(KefuError):
+    """The conversation's state does not allow this lifecycle event (state is unchanged)."""
+
+    code = ErrorCode.INVALID_TRANSITION
+
+
+class InvalidArgument(KefuError):
+    """A request that is well formed but asks for something unacceptable."""
+
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class LimitExceeded(KefuError):

@@ -148,6 +148,66 @@ class Metrics:
             "1 while the node is shutting down and refusing new work.",
             registry=r,
         )
+        # -- customer service ----------------------------------------------------------------
+        self.transitions = Counter(
+            "kefu_conversation_transitions",
+            "Conversation lifecycle transitions, by event.",
+            ["event"],
+            registry=r,
+        )
+        self.assignments = Counter(
+            "kefu_assignments",
+            "Conversations assigned to an agent, by how (auto, pick, transfer, reopen, takeover).",
+            ["how"],
+            registry=r,
+        )
+        self.assignment_failures = Counter(
+            "kefu_assignment_failures",
+            "Assignments undone because the store refused them, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "kefu_queue_length",
+            "Conversations waiting in a group's queue (live queue, not left messages).",
+            ["group"],
+            registry=r,
+        )
+        self.queue_position_pushes = Counter(
+            "kefu_queue_position_pushes",
+            "Queue-position updates pushed to waiting customers.",
+            registry=r,
+        )
+        self.agents_online = Gauge(
+            "kefu_agents_online",
+            "Agents whose status is online.",
+            registry=r,
+        )
+        self.timer_actions = Counter(
+            "kefu_timer_actions",
+            "Actions taken by the service timers, by kind (accept_timeout, agent_offline, "
+            "overflow, inactivity_warning, inactivity_close, expire_resolved).",
+            ["kind"],
+            registry=r,
+        )
+        # -- webhooks ------------------------------------------------------------------------
+        self.webhook_deliveries = Counter(
+            "kefu_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retried, failed, dropped).",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "kefu_webhook_delivery_seconds",
+            "Duration of one webhook POST, whatever its result.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.webhook_queue = Gauge(
+            "kefu_webhook_queue",
+            "Webhook events waiting for delivery (all receivers).",
+            registry=r,
+        )
         # Label children used on every message.
         self.message_result = Children(self.messages)  # (type, result)
         self.frame_op = Children(self.frames_in)  # (op,)

@@ -14,13 +14,31 @@ class Role(enum.StrEnum):
 
 
 class ConversationState(enum.StrEnum):
-    """Lifecycle states; the transition rules arrive with the customer-service issue."""
+    """Lifecycle states; the transitions between them are in :mod:`kefu.lifecycle`."""
 
     QUEUED = "queued"
     ASSIGNED = "assigned"
     WAITING = "waiting"
     RESOLVED = "resolved"
     CLOSED = "closed"
+
+
+class Visibility(enum.StrEnum):
+    """Who may see a stored message."""
+
+    ALL = "all"  # every participant
+    INTERNAL = "internal"  # agents and admins only: private notes and whispers
+
+
+class AgentStatus(enum.StrEnum):
+    ONLINE = "online"  # takes new conversations
+    AWAY = "away"  # keeps their conversations, gets no new ones
+    OFFLINE = "offline"  # their conversations go back to the queue
+
+
+class RoutingMode(enum.StrEnum):
+    AUTO = "auto"  # the router assigns queued conversations
+    POOL = "pool"  # agents pick queued conversations themselves
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,6 +59,7 @@ class NewMessage:
     client_msg_id: str | None
     type: str
     body: bytes
+    visibility: Visibility = Visibility.ALL
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +74,11 @@ class StoredMessage:
     body: bytes
     ts: int
     duplicate: bool = False
+    visibility: str = "all"
+
+    @property
+    def internal(self) -> bool:
+        return self.visibility != "all"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +91,19 @@ class Conversation:
     group_id: str | None = None
     context_type: str | None = None
     context: bytes | None = None
+    labels: tuple[str, ...] = ()
+    updated_at: int = 0
+    assigned_at: int | None = None
+    accepted_at: int | None = None
+    first_assigned_at: int | None = None
+    first_response_at: int | None = None
+    resolved_at: int | None = None
+    closed_at: int | None = None
+    close_reason: str | None = None
+    previous_agent_id: str | None = None
+    successor_id: str | None = None
+    csat_score: int | None = None
+    csat_comment: str | None = None
 
     def participants(self) -> tuple[str, ...]:
         """Users who receive this conversation's pushes."""
@@ -82,3 +119,41 @@ class ConversationSummary:
     conversation: Conversation
     last_seq: int
     read_seq: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Group:
+    """A skill group: a queue of conversations and the agents who serve it."""
+
+    id: str
+    name: str
+    mode: RoutingMode = RoutingMode.AUTO
+    welcome: str = ""
+    #: Live-queue length past which new customers are offered leave-a-message (0: no cap).
+    max_queue: int = 0
+    #: Seconds a customer may wait before being offered leave-a-message (0: no limit).
+    max_wait: float = 0.0
+    #: Business hours (see :mod:`kefu.schedule`); None means always open.
+    schedule: dict[str, object] | None = None
+    out_of_hours_message: str = ""
+    created_at: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Agent:
+    """An agent's durable settings (their live status is in the routing backend)."""
+
+    id: str
+    name: str
+    capacity: int
+    groups: tuple[str, ...]
+    created_at: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CannedResponse:
+    id: str
+    group_id: str | None  # None: for every group
+    shortcut: str
+    text: str
+    created_at: int = 0

@@ -14,8 +14,36 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+from collections.abc import Collection, Mapping
 
-from kefu.model import Conversation, ConversationSummary, NewMessage, StoredMessage
+from kefu.model import (
+    Agent,
+    CannedResponse,
+    Conversation,
+    ConversationState,
+    ConversationSummary,
+    Group,
+    NewMessage,
+    StoredMessage,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationFilter:
+    """Which conversations a search returns (every given field must match)."""
+
+    states: tuple[ConversationState, ...] = ()
+    group_id: str | None = None
+    agent_id: str | None = None
+    customer_id: str | None = None
+    #: Text that a message (visible to the searcher) of the conversation contains.
+    text: str | None = None
+    include_internal: bool = False
+    #: Conversations last updated before this (ms), for paging; None for the newest.
+    updated_before: int | None = None
+    created_from: int | None = None
+    created_to: int | None = None
 
 
 class MessageStore(abc.ABC):
@@ -59,8 +87,8 @@ class MessageStore(abc.ABC):
         """Create a conversation; it is assigned when ``agent_id`` is given, else queued."""
 
     @abc.abstractmethod
-    async def get_conversation(self, conv_id: str) -> Conversation | None:
-        """The conversation, or None when it does not exist."""
+    async def get_conversation(self, conv_id: str, *, fresh: bool = False) -> Conversation | None:
+        """The conversation, or None when it does not exist; ``fresh`` bypasses caches."""
 
     def cached_conversation(self, conv_id: str) -> Conversation | None:
         """The conversation if it is at hand without I/O (a cache hit), else None."""
@@ -87,3 +115,85 @@ class MessageStore(abc.ABC):
     @abc.abstractmethod
     async def mark_read(self, conv_id: str, user_id: str, seq: int) -> int:
         """Raise the user's read mark to ``seq`` (never lower it); return the mark."""
+
+    # -- customer service -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def transition(
+        self,
+        conv_id: str,
+        *,
+        from_states: Collection[ConversationState],
+        to_state: ConversationState,
+        event_body: bytes,
+        sender: str,
+        sender_role: str,
+        if_agent: str | None = None,
+        sets: Mapping[str, str | int | None] | None = None,
+        stamps: Collection[str] = (),
+        first_stamps: Collection[str] = (),
+    ) -> tuple[Conversation, StoredMessage]:
+        """Compare-and-set a lifecycle transition and record its event, in one transaction.
+
+        Applies only if the conversation's state is in ``from_states`` (and it is assigned
+        to ``if_agent`` when given); otherwise raises InvalidTransition and changes
+        nothing. ``event_body`` is stored as a ``system`` message. Returns the updated
+        conversation and the event message.
+        """
+
+    @abc.abstractmethod
+    async def successor(self, conv_id: str) -> tuple[Conversation, bool]:
+        """The queued conversation that continues a closed one; created (True) if none yet.
+
+        Idempotent: every call for one closed conversation returns the same successor.
+        """
+
+    @abc.abstractmethod
+    async def stamp_response(self, conv_id: str, agent_id: str) -> Conversation | None:
+        """Record the assigned agent's first reply (accepts the conversation too)."""
+
+    @abc.abstractmethod
+    async def set_labels(self, conv_id: str, labels: Collection[str]) -> Conversation:
+        """Replace the conversation's labels."""
+
+    @abc.abstractmethod
+    async def rate(self, conv_id: str, customer_id: str, score: int, comment: str) -> Conversation:
+        """Store the customer's CSAT rating of a resolved conversation, once.
+
+        Raises InvalidTransition unless resolved or closed after a resolve, Forbidden when
+        ``customer_id`` is not its customer and KefuError(already_rated) on a second rating.
+        """
+
+    @abc.abstractmethod
+    async def search_conversations(
+        self, where: ConversationFilter, *, limit: int
+    ) -> list[Conversation]:
+        """Conversations matching ``where``, most recently updated first."""
+
+    @abc.abstractmethod
+    async def latest_agent(self, customer_id: str) -> str | None:
+        """The agent of the customer's most recent conversation that had one."""
+
+    @abc.abstractmethod
+    async def save_group(self, group: Group) -> Group:
+        """Create or replace a skill group."""
+
+    @abc.abstractmethod
+    async def list_groups(self) -> list[Group]: ...
+
+    @abc.abstractmethod
+    async def save_agent(self, agent: Agent) -> Agent:
+        """Create or replace an agent's settings and group memberships."""
+
+    @abc.abstractmethod
+    async def list_agents(self) -> list[Agent]: ...
+
+    @abc.abstractmethod
+    async def save_canned(self, canned: CannedResponse) -> CannedResponse: ...
+
+    @abc.abstractmethod
+    async def delete_canned(self, canned_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_canned(self, group_ids: Collection[str] | None) -> list[CannedResponse]:
+        """Canned responses of these groups and the global ones (all when None)."""

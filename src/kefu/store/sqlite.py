@@ -21,31 +21,52 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import logging
 import queue
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from kefu import ids
-from kefu.errors import NotFound, Overloaded, StoreClosed, StoreError
+from kefu.errors import (
+    ErrorCode,
+    Forbidden,
+    InvalidTransition,
+    KefuError,
+    NotFound,
+    Overloaded,
+    StoreClosed,
+    StoreError,
+)
 from kefu.metrics import Metrics
 from kefu.model import (
+    Agent,
+    CannedResponse,
     Conversation,
     ConversationState,
     ConversationSummary,
+    Group,
     NewMessage,
+    RoutingMode,
     StoredMessage,
 )
 from kefu.store import sqlite_writer as w
-from kefu.store.base import MessageStore
-from kefu.store.sqlite_schema import CONV_COLUMNS, MESSAGE_COLUMNS, connect, message_row
+from kefu.store.base import ConversationFilter, MessageStore
+from kefu.store.sqlite_schema import (
+    CONV_COLUMNS,
+    MESSAGE_COLUMNS,
+    connect,
+    conversation_from_row,
+    message_from_row,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,25 +80,10 @@ OVERLOAD_RETRY_AFTER = 0.5
 RESTART_DELAY = 1.0
 #: A write unanswered this long makes the store unready (a hung writer or disk).
 STALL_SECONDS = 10.0
+#: A write unanswered this long gets the writer killed and replaced.
+KILL_AFTER_SECONDS = 15.0
 #: How long closing waits for the writer to finish what it was given.
 CLOSE_TIMEOUT = 30.0
-
-
-def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
-    return StoredMessage(*message_row(row))
-
-
-def _row_to_conversation(row: tuple[Any, ...]) -> Conversation:
-    return Conversation(
-        id=row[0],
-        customer_id=row[1],
-        agent_id=row[2],
-        group_id=row[3],
-        state=ConversationState(row[4]),
-        context_type=row[5],
-        context=None if row[6] is None else bytes(row[6]),
-        created_at=row[7],
-    )
 
 
 BatchDone = Callable[[list["asyncio.Future[w.Result]"], list[w.Result], int, float], None]
@@ -222,9 +228,9 @@ class _ProcessRunner(_Runner):
         """Kill a writer that stopped answering (hung disk, SIGSTOP, a bug): the death
         path then fails what it had (outcome unknown, clients resend) and restarts it."""
         while not self._closing:
-            await asyncio.sleep(min(1.0, STALL_SECONDS / 4))
+            await asyncio.sleep(min(1.0, KILL_AFTER_SECONDS / 4))
             proc = self._proc
-            if self._alive and proc is not None and self.oldest_inflight() > STALL_SECONDS:
+            if self._alive and proc is not None and self.oldest_inflight() > KILL_AFTER_SECONDS:
                 log.error(
                     "the store writer has not answered for %.1fs: killing it",
                     self.oldest_inflight(),
@@ -434,6 +440,7 @@ class SQLiteStore(MessageStore):
             client_msg_id=message.client_msg_id,
             type=message.type,
             body=message.body,
+            visibility=message.visibility.value,
         )
         raw = self._enqueue(job)
         assert self._loop is not None
@@ -447,6 +454,21 @@ class SQLiteStore(MessageStore):
             raise _failure(result)
         assert isinstance(result, w.Done)
         return result.value
+
+    async def _exec(self, sql: str, *params: Any) -> w.Rows:
+        result = await self._enqueue(w.Exec(sql=sql, params=list(params)))
+        if isinstance(result, w.Failed):
+            raise _failure(result)
+        assert isinstance(result, w.Rows)
+        return result
+
+    async def _conversation_result(self, job: w.Job) -> w.Transitioned:
+        result = await self._enqueue(job)
+        if isinstance(result, w.Failed):
+            raise _failure(result)
+        assert isinstance(result, w.Transitioned)
+        self._remember(conversation_from_row(result.conv))
+        return result
 
     async def create_conversation(
         self,
@@ -522,8 +544,8 @@ class SQLiteStore(MessageStore):
             self._conversations.move_to_end(conv_id)
         return cached
 
-    async def get_conversation(self, conv_id: str) -> Conversation | None:
-        cached = self._conversations.get(conv_id)
+    async def get_conversation(self, conv_id: str, *, fresh: bool = False) -> Conversation | None:
+        cached = None if fresh else self._conversations.get(conv_id)
         if cached is not None:
             self._conversations.move_to_end(conv_id)
             return cached
@@ -532,7 +554,7 @@ class SQLiteStore(MessageStore):
             row = conn.execute(
                 f"SELECT {CONV_COLUMNS} FROM conversations WHERE id = ?", (conv_id,)
             ).fetchone()
-            return None if row is None else _row_to_conversation(row)
+            return None if row is None else conversation_from_row(row)
 
         found = await self._read("get_conversation", run)
         if found is not None:
@@ -540,21 +562,27 @@ class SQLiteStore(MessageStore):
         return found
 
     async def list_conversations(self, user_id: str, *, limit: int) -> list[ConversationSummary]:
-        cols = ", ".join(f"c.{c.strip()}" for c in CONV_COLUMNS.split(","))
+        cols = ", ".join(f"c.{c}" for c in CONV_COLUMNS.split(", "))
+        width = len(CONV_COLUMNS.split(", "))
 
         def run(conn: sqlite3.Connection) -> list[ConversationSummary]:
             rows = conn.execute(
                 f"SELECT {cols}, "
-                "COALESCE((SELECT MAX(seq) FROM messages m WHERE m.conversation_id = c.id), 0)"
-                " AS last_seq, p.read_seq, COALESCE((SELECT ts FROM messages m WHERE "
-                "m.conversation_id = c.id ORDER BY seq DESC LIMIT 1), c.updated_at) AS active "
-                "FROM participants p JOIN conversations c ON c.id = p.conversation_id "
-                "WHERE p.user_id = ? ORDER BY active DESC LIMIT ?",
-                (user_id, limit),
+                "COALESCE((SELECT MAX(seq) FROM messages m WHERE m.conversation_id = c.id), 0),"
+                " COALESCE(p.read_seq, 0), MAX(c.updated_at, COALESCE((SELECT ts FROM messages m "
+                "WHERE m.conversation_id = c.id ORDER BY seq DESC LIMIT 1), 0)) AS active "
+                "FROM conversations c LEFT JOIN participants p "
+                "ON p.conversation_id = c.id AND p.user_id = ? "
+                "WHERE c.id IN (SELECT id FROM conversations WHERE customer_id = ? "
+                "UNION SELECT id FROM conversations WHERE agent_id = ?) "
+                "ORDER BY active DESC LIMIT ?",
+                (user_id, user_id, user_id, limit),
             ).fetchall()
             return [
                 ConversationSummary(
-                    conversation=_row_to_conversation(r[:8]), last_seq=r[8], read_seq=r[9]
+                    conversation=conversation_from_row(r[:width]),
+                    last_seq=r[width],
+                    read_seq=r[width + 1],
                 )
                 for r in rows
             ]
@@ -568,7 +596,7 @@ class SQLiteStore(MessageStore):
                 "ORDER BY seq LIMIT ?",
                 (conv_id, after_seq, limit),
             ).fetchall()
-            return [_row_to_message(r) for r in rows]
+            return [message_from_row(r) for r in rows]
 
         return await self._read("messages_after", run)
 
@@ -583,7 +611,7 @@ class SQLiteStore(MessageStore):
                 "ORDER BY seq DESC LIMIT ?",
                 (conv_id, bound, limit),
             ).fetchall()
-            return [_row_to_message(r) for r in reversed(rows)]
+            return [message_from_row(r) for r in reversed(rows)]
 
         return await self._read("messages_before", run)
 
@@ -596,10 +624,275 @@ class SQLiteStore(MessageStore):
 
         return await self._read("last_seq", run)
 
+    # -- customer service -----------------------------------------------------------------
 
-def _failure(result: w.Failed) -> StoreError | NotFound:
+    async def transition(
+        self,
+        conv_id: str,
+        *,
+        from_states: Collection[ConversationState],
+        to_state: ConversationState,
+        event_body: bytes,
+        sender: str,
+        sender_role: str,
+        if_agent: str | None = None,
+        sets: Mapping[str, str | int | None] | None = None,
+        stamps: Collection[str] = (),
+        first_stamps: Collection[str] = (),
+    ) -> tuple[Conversation, StoredMessage]:
+        result = await self._conversation_result(
+            w.Transition(
+                conv=conv_id,
+                from_states=[s.value for s in from_states],
+                to_state=to_state.value,
+                if_agent=if_agent,
+                sets=dict(sets or {}),
+                stamps=list(stamps),
+                first_stamps=list(first_stamps),
+                sender=sender,
+                sender_role=sender_role,
+                body=event_body,
+            )
+        )
+        assert result.event is not None
+        return conversation_from_row(result.conv), _stored_message(result.event)
+
+    async def successor(self, conv_id: str) -> tuple[Conversation, bool]:
+        result = await self._conversation_result(w.Successor(conv=conv_id, new_id=ids.new_id()))
+        return conversation_from_row(result.conv), result.created
+
+    async def _update_returning(self, sql: str, *params: Any) -> Conversation | None:
+        result = await self._exec(f"{sql} RETURNING {CONV_COLUMNS}", *params)
+        if not result.rows:
+            return None
+        conv = conversation_from_row(result.rows[0])
+        self._remember(conv)
+        return conv
+
+    async def stamp_response(self, conv_id: str, agent_id: str) -> Conversation | None:
+        now = ids.now_ms()
+        return await self._update_returning(
+            "UPDATE conversations SET first_response_at = COALESCE(first_response_at, ?), "
+            "accepted_at = COALESCE(accepted_at, ?) WHERE id = ? AND agent_id = ?",
+            now,
+            now,
+            conv_id,
+            agent_id,
+        )
+
+    async def set_labels(self, conv_id: str, labels: Collection[str]) -> Conversation:
+        conv = await self._update_returning(
+            "UPDATE conversations SET labels = ?, updated_at = ? WHERE id = ?",
+            json.dumps(sorted(set(labels))),
+            ids.now_ms(),
+            conv_id,
+        )
+        if conv is None:
+            raise NotFound(f"conversation {conv_id!r} does not exist")
+        return conv
+
+    async def rate(self, conv_id: str, customer_id: str, score: int, comment: str) -> Conversation:
+        conv = await self._update_returning(
+            "UPDATE conversations SET csat_score = ?, csat_comment = ?, csat_at = ? "
+            "WHERE id = ? AND customer_id = ? AND resolved_at IS NOT NULL "
+            "AND state IN ('resolved', 'closed') AND csat_score IS NULL",
+            score,
+            comment,
+            ids.now_ms(),
+            conv_id,
+            customer_id,
+        )
+        if conv is not None:
+            return conv
+        current = await self.get_conversation(conv_id, fresh=True)
+        if current is None:
+            raise NotFound(f"conversation {conv_id!r} does not exist")
+        if current.customer_id != customer_id:
+            raise Forbidden(f"conversation {conv_id!r} is not yours")
+        if current.csat_score is not None:
+            raise KefuError("this conversation is rated already", code=ErrorCode.ALREADY_RATED)
+        raise InvalidTransition(f"conversation {conv_id!r} is {current.state}, not resolved")
+
+    async def search_conversations(
+        self, where: ConversationFilter, *, limit: int
+    ) -> list[Conversation]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.states:
+            clauses.append(f"state IN ({','.join('?' * len(where.states))})")
+            params += [s.value for s in where.states]
+        for column, value in (
+            ("group_id", where.group_id),
+            ("agent_id", where.agent_id),
+            ("customer_id", where.customer_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.updated_before is not None:
+            clauses.append("updated_at < ?")
+            params.append(where.updated_before)
+        if where.created_from is not None:
+            clauses.append("created_at >= ?")
+            params.append(where.created_from)
+        if where.created_to is not None:
+            clauses.append("created_at < ?")
+            params.append(where.created_to)
+        if where.text:
+            visible = "" if where.include_internal else " AND m.visibility = 'all'"
+            clauses.append(
+                "EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id "
+                f"AND m.type <> 'system'{visible} AND instr(lower(CAST(m.body AS TEXT)), ?) > 0)"
+            )
+            params.append(where.text.lower())
+        sql = f"SELECT {CONV_COLUMNS} FROM conversations"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY updated_at DESC LIMIT ?"
+        params.append(limit)
+
+        def run(conn: sqlite3.Connection) -> list[Conversation]:
+            return [conversation_from_row(r) for r in conn.execute(sql, params).fetchall()]
+
+        return await self._read("search_conversations", run)
+
+    async def latest_agent(self, customer_id: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT COALESCE(agent_id, previous_agent_id) FROM conversations "
+                "WHERE customer_id = ? AND COALESCE(agent_id, previous_agent_id) IS NOT NULL "
+                "ORDER BY created_at DESC LIMIT 1",
+                (customer_id,),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read("latest_agent", run)
+
+    async def save_group(self, group: Group) -> Group:
+        await self._exec(
+            "INSERT INTO groups (id, name, mode, welcome, max_queue, max_wait, schedule, "
+            "out_of_hours_message, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET name = excluded.name, mode = excluded.mode, "
+            "welcome = excluded.welcome, max_queue = excluded.max_queue, "
+            "max_wait = excluded.max_wait, schedule = excluded.schedule, "
+            "out_of_hours_message = excluded.out_of_hours_message",
+            group.id,
+            group.name,
+            group.mode.value,
+            group.welcome,
+            group.max_queue,
+            group.max_wait,
+            None if group.schedule is None else json.dumps(group.schedule),
+            group.out_of_hours_message,
+            group.created_at or ids.now_ms(),
+        )
+        return next(g for g in await self.list_groups() if g.id == group.id)
+
+    async def list_groups(self) -> list[Group]:
+        def run(conn: sqlite3.Connection) -> list[Group]:
+            rows = conn.execute(
+                "SELECT id, name, mode, welcome, max_queue, max_wait, schedule, "
+                "out_of_hours_message, created_at FROM groups ORDER BY id"
+            ).fetchall()
+            return [
+                Group(
+                    id=r[0],
+                    name=r[1],
+                    mode=RoutingMode(r[2]),
+                    welcome=r[3],
+                    max_queue=r[4],
+                    max_wait=r[5],
+                    schedule=None if r[6] is None else json.loads(r[6]),
+                    out_of_hours_message=r[7],
+                    created_at=r[8],
+                )
+                for r in rows
+            ]
+
+        return await self._read("list_groups", run)
+
+    async def save_agent(self, agent: Agent) -> Agent:
+        await self._exec(
+            "INSERT INTO agents (id, name, capacity, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET name = excluded.name, capacity = excluded.capacity",
+            agent.id,
+            agent.name,
+            agent.capacity,
+            agent.created_at or ids.now_ms(),
+        )
+        await self._exec(
+            "DELETE FROM agent_groups WHERE agent_id = ? AND group_id NOT IN "
+            "(SELECT value FROM json_each(?))",
+            agent.id,
+            json.dumps(list(agent.groups)),
+        )
+        await self._exec(
+            "INSERT OR IGNORE INTO agent_groups (agent_id, group_id) "
+            "SELECT ?, value FROM json_each(?)",
+            agent.id,
+            json.dumps(list(agent.groups)),
+        )
+        return next(a for a in await self.list_agents() if a.id == agent.id)
+
+    async def list_agents(self) -> list[Agent]:
+        def run(conn: sqlite3.Connection) -> list[Agent]:
+            rows = conn.execute(
+                "SELECT a.id, a.name, a.capacity, a.created_at, "
+                "(SELECT json_group_array(group_id) FROM (SELECT group_id FROM agent_groups g "
+                "WHERE g.agent_id = a.id ORDER BY group_id)) FROM agents a ORDER BY a.id"
+            ).fetchall()
+            return [
+                Agent(
+                    id=r[0],
+                    name=r[1],
+                    capacity=r[2],
+                    created_at=r[3],
+                    groups=tuple(json.loads(r[4])),
+                )
+                for r in rows
+            ]
+
+        return await self._read("list_agents", run)
+
+    async def save_canned(self, canned: CannedResponse) -> CannedResponse:
+        created = canned.created_at or ids.now_ms()
+        await self._exec(
+            "INSERT INTO canned_responses (id, group_id, shortcut, text, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET group_id = excluded.group_id,"
+            " shortcut = excluded.shortcut, text = excluded.text",
+            canned.id,
+            canned.group_id,
+            canned.shortcut,
+            canned.text,
+            created,
+        )
+        return dataclasses.replace(canned, created_at=created)
+
+    async def delete_canned(self, canned_id: str) -> bool:
+        result = await self._exec("DELETE FROM canned_responses WHERE id = ?", canned_id)
+        return result.rowcount > 0
+
+    async def list_canned(self, group_ids: Collection[str] | None) -> list[CannedResponse]:
+        def run(conn: sqlite3.Connection) -> list[CannedResponse]:
+            sql = "SELECT id, group_id, shortcut, text, created_at FROM canned_responses"
+            params: list[Any] = []
+            if group_ids is not None:
+                sql += (
+                    " WHERE group_id IS NULL OR group_id IN "
+                    f"({','.join('?' * len(group_ids)) or 'NULL'})"
+                )
+                params = list(group_ids)
+            rows = conn.execute(sql + " ORDER BY shortcut", params).fetchall()
+            return [CannedResponse(*r) for r in rows]
+
+        return await self._read("list_canned", run)
+
+
+def _failure(result: w.Failed) -> KefuError:
     if result.code == "not_found":
         return NotFound(result.message)
+    if result.code == "invalid_transition":
+        return InvalidTransition(result.message)
     return StoreError(result.message)
 
 
@@ -610,5 +903,9 @@ def _settle(future: asyncio.Future[StoredMessage], result: w.Result) -> None:
         future.set_exception(_failure(result))
     else:
         assert isinstance(result, w.Stored)
-        # Stored mirrors StoredMessage field for field (tests/unit/test_store_types.py).
-        future.set_result(StoredMessage(*msgspec.structs.astuple(result)))
+        future.set_result(_stored_message(result))
+
+
+def _stored_message(result: w.Stored) -> StoredMessage:
+    # Stored mirrors StoredMessage field for field (tests/unit/test_store_types.py).
+    return StoredMessage(*msgspec.structs.astuple(result))

@@ -59,6 +59,7 @@ class Append(msgspec.Struct, tag="append", tag_field="k", array_like=True):
     client_msg_id: str | None
     type: str
     body: bytes
+    visibility: str = "all"
 
 
 class Create(msgspec.Struct, tag="create", tag_field="k", array_like=True):
@@ -78,7 +79,46 @@ class MarkRead(msgspec.Struct, tag="mark_read", tag_field="k", array_like=True):
     seq: int
 
 
-Job = Append | Create | MarkRead
+#: A SQL parameter or column value: str, int, float, bytes or None (msgpack keeps them).
+Param = Any
+
+
+class Transition(msgspec.Struct, tag="transition", tag_field="k", array_like=True):
+    """A lifecycle event: compare-and-set the state, change columns, record the event.
+
+    The update applies only when the conversation is in one of ``from_states`` (and, with
+    ``if_agent``, assigned to that agent); in the same transaction the event is appended
+    as a ``system`` message. ``sets`` are columns to set, ``stamps`` columns to set to now
+    and ``first_stamps`` columns to set to now unless already set.
+    """
+
+    conv: str
+    from_states: list[str]
+    to_state: str
+    if_agent: str | None
+    sets: dict[str, Param]
+    stamps: list[str]
+    first_stamps: list[str]
+    sender: str
+    sender_role: str
+    body: bytes
+
+
+class Exec(msgspec.Struct, tag="exec", tag_field="k", array_like=True):
+    """One SQL statement written by the store (never by a client), run in the batch."""
+
+    sql: str
+    params: list[Param]
+
+
+class Successor(msgspec.Struct, tag="successor", tag_field="k", array_like=True):
+    """The open successor of a closed conversation, created if it has none yet."""
+
+    conv: str
+    new_id: str
+
+
+Job = Append | Create | MarkRead | Transition | Exec | Successor
 
 
 class Stored(msgspec.Struct, tag="stored", tag_field="k", array_like=True):
@@ -94,6 +134,7 @@ class Stored(msgspec.Struct, tag="stored", tag_field="k", array_like=True):
     body: bytes
     ts: int
     duplicate: bool = False
+    visibility: str = "all"
 
 
 class Done(msgspec.Struct, tag="done", tag_field="k", array_like=True):
@@ -101,11 +142,24 @@ class Done(msgspec.Struct, tag="done", tag_field="k", array_like=True):
 
 
 class Failed(msgspec.Struct, tag="failed", tag_field="k", array_like=True):
-    code: str  # "not_found" or "store_unavailable"
+    code: str  # "not_found", "invalid_transition" or "store_unavailable"
     message: str
 
 
-Result = Stored | Done | Failed
+class Transitioned(msgspec.Struct, tag="transitioned", tag_field="k", array_like=True):
+    """A conversation row (CONV_COLUMNS order) and the event message recorded with it."""
+
+    conv: list[Param]
+    event: Stored | None = None
+    created: bool = False
+
+
+class Rows(msgspec.Struct, tag="rows", tag_field="k", array_like=True):
+    rowcount: int
+    rows: list[list[Param]]
+
+
+Result = Stored | Done | Failed | Transitioned | Rows
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -118,6 +172,27 @@ class Reply(msgspec.Struct, array_like=True):
 
 class NoSuchConversation(Exception):
     pass
+
+
+class TransitionRefused(Exception):
+    pass
+
+
+#: Columns a Transition may set (its ``sets``, ``stamps`` and ``first_stamps``).
+TRANSITION_COLUMNS = frozenset(
+    {
+        "agent_id",
+        "group_id",
+        "assigned_at",
+        "accepted_at",
+        "first_assigned_at",
+        "first_response_at",
+        "resolved_at",
+        "closed_at",
+        "close_reason",
+        "previous_agent_id",
+    }
+)
 
 
 # -- the writer ----------------------------------------------------------------------------
@@ -176,14 +251,23 @@ class BatchWriter:
             for i, job in enumerate(jobs):
                 if isinstance(job, Append):
                     appends.append(i)
-                elif isinstance(job, Create):
+                    continue
+                if appends:  # keep seq order: appends before this job go first
+                    self._flush_appends(jobs, appends, results)
+                if isinstance(job, Create):
                     results[i] = self._create(job)
-                else:
+                elif isinstance(job, MarkRead):
                     results[i] = self._mark_read(job)
+                elif isinstance(job, Transition):
+                    results[i] = self._transition(job)
+                elif isinstance(job, Exec):
+                    cursor = conn.execute(job.sql, job.params)
+                    rows = [list(row) for row in cursor.fetchall()]
+                    results[i] = Rows(rowcount=cursor.rowcount, rows=rows)
+                else:
+                    results[i] = self._successor(job)
             if appends:
-                stored = self._append_many([jobs[i] for i in appends])  # type: ignore[misc]
-                for i, result in zip(appends, stored, strict=True):
-                    results[i] = result
+                self._flush_appends(jobs, appends, results)
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback()
@@ -195,13 +279,26 @@ class BatchWriter:
                 log.warning("batch of %d failed (%s): retrying one by one", len(jobs), exc)
                 out = [self.run([job])[0][0] for job in jobs]
                 return out, time.perf_counter() - started
-            code = "not_found" if isinstance(exc, NoSuchConversation) else "store_unavailable"
+            if isinstance(exc, NoSuchConversation):
+                code = "not_found"
+            elif isinstance(exc, TransitionRefused):
+                code = "invalid_transition"
+            else:
+                code = "store_unavailable"
             return [Failed(code=code, message=str(exc))], time.perf_counter() - started
         finally:
             self._dirty.clear()
             while len(self._last_seq) > SEQ_CACHE_SIZE:  # oldest first; reloaded on demand
                 del self._last_seq[next(iter(self._last_seq))]
         return results, time.perf_counter() - started  # type: ignore[return-value]
+
+    def _flush_appends(
+        self, jobs: list[Job], appends: list[int], results: list[Result | None]
+    ) -> None:
+        stored = self._append_many([jobs[i] for i in appends])  # type: ignore[misc]
+        for i, result in zip(appends, stored, strict=True):
+            results[i] = result
+        appends.clear()
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -233,7 +330,7 @@ class BatchWriter:
             for row in self.conn.execute(
                 dedupe_sql(len(chunk)), [v for key in chunk for v in key]
             ).fetchall():
-                found = Stored(*message_row(row), duplicate=True)
+                found = Stored(*message_row(row), duplicate=True, visibility=row[9])
                 existing[(found.conv, found.sender, found.client_msg_id)] = found
         out: list[Stored] = []
         rows: list[tuple[Any, ...]] = []
@@ -254,9 +351,10 @@ class BatchWriter:
                 type=job.type,
                 body=job.body,
                 ts=now,
+                visibility=job.visibility,
             )
             if job.client_msg_id is not None:  # a resend later in this same batch
-                existing[key] = Stored(*message_row(_as_row(stored)), duplicate=True)
+                existing[key] = msgspec.structs.replace(stored, duplicate=True)
             out.append(stored)
             rows.append(_as_row(stored))
         for chunk in pow2_chunks(rows):
@@ -270,8 +368,9 @@ class BatchWriter:
     def _create(self, job: Create) -> Done:
         self.conn.execute(
             # OR IGNORE: a job resent after a writer restart may have committed already.
-            f"INSERT OR IGNORE INTO conversations ({CONV_COLUMNS}, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO conversations (id, customer_id, agent_id, group_id, state, "
+            "context_type, context, created_at, updated_at, assigned_at, first_assigned_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.customer_id,
@@ -282,6 +381,8 @@ class BatchWriter:
                 job.context,
                 job.created_at,
                 job.created_at,
+                job.created_at if job.agent_id else None,
+                job.created_at if job.agent_id else None,
             ),
         )
         rows = [(job.id, job.customer_id, "customer")]
@@ -294,6 +395,94 @@ class BatchWriter:
         self._last_seq[job.id] = 0
         return Done()
 
+    def _conversation_row(self, conv: str) -> list[Param] | None:
+        row = self.conn.execute(
+            f"SELECT {CONV_COLUMNS} FROM conversations WHERE id = ?", (conv,)
+        ).fetchone()
+        return None if row is None else list(row)
+
+    def _transition(self, job: Transition) -> Transitioned:
+        columns = [*job.sets, *job.stamps, *job.first_stamps]
+        if not TRANSITION_COLUMNS.issuperset(columns):
+            raise ValueError(
+                f"a transition may not set {sorted(set(columns) - TRANSITION_COLUMNS)}"
+            )
+        now = ids.now_ms()
+        assignments = ["state = ?", "updated_at = ?"]
+        params: list[Param] = [job.to_state, now]
+        if "agent_id" in job.sets:  # remember who had it
+            assignments.append("previous_agent_id = COALESCE(agent_id, previous_agent_id)")
+        for name, value in job.sets.items():
+            assignments.append(f"{name} = ?")
+            params.append(value)
+        for name in job.stamps:
+            assignments.append(f"{name} = ?")
+            params.append(now)
+        for name in job.first_stamps:
+            assignments.append(f"{name} = COALESCE({name}, ?)")
+            params.append(now)
+        where = f"id = ? AND state IN ({','.join('?' * len(job.from_states))})"
+        params += [job.conv, *job.from_states]
+        if job.if_agent is not None:
+            where += " AND agent_id = ?"
+            params.append(job.if_agent)
+        updated = self.conn.execute(
+            f"UPDATE conversations SET {', '.join(assignments)} WHERE {where} "
+            f"RETURNING {CONV_COLUMNS}",
+            params,
+        ).fetchone()
+        if updated is None:
+            current = self._conversation_row(job.conv)
+            if current is None:
+                raise NoSuchConversation(f"conversation {job.conv!r} does not exist")
+            state, agent = current[4], current[2]
+            if job.if_agent is not None and agent != job.if_agent and state in job.from_states:
+                raise TransitionRefused(f"conversation {job.conv!r} is not assigned to you")
+            raise TransitionRefused(f"conversation {job.conv!r} is {state}")
+        agent = job.sets.get("agent_id")
+        if isinstance(agent, str) and agent != updated[1]:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO participants (conversation_id, user_id, role) "
+                "VALUES (?, ?, 'agent')",
+                (job.conv, agent),
+            )
+        (event,) = self._append_many(
+            [Append(job.conv, job.sender, job.sender_role, None, "system", job.body)]
+        )
+        return Transitioned(conv=list(updated), event=event)
+
+    def _successor(self, job: Successor) -> Transitioned:
+        current = self._conversation_row(job.conv)
+        if current is None:
+            raise NoSuchConversation(f"conversation {job.conv!r} does not exist")
+        successor = current[CONV_COLUMNS.split(", ").index("successor_id")]
+        if successor is not None:
+            row = self._conversation_row(str(successor))
+            assert row is not None
+            return Transitioned(conv=row)
+        if current[4] != "closed":
+            raise TransitionRefused(f"conversation {job.conv!r} is {current[4]}, not closed")
+        now = ids.now_ms()
+        self.conn.execute(
+            "INSERT INTO conversations (id, customer_id, group_id, state, context_type, "
+            "context, created_at, updated_at, previous_agent_id) "
+            "SELECT ?, customer_id, group_id, 'queued', context_type, context, ?, ?, "
+            "COALESCE(agent_id, previous_agent_id) FROM conversations WHERE id = ?",
+            (job.new_id, now, now, job.conv),
+        )
+        self.conn.execute(
+            "UPDATE conversations SET successor_id = ? WHERE id = ?", (job.new_id, job.conv)
+        )
+        self.conn.execute(
+            "INSERT OR IGNORE INTO participants (conversation_id, user_id, role) "
+            "VALUES (?, ?, 'customer')",
+            (job.new_id, current[1]),
+        )
+        self._last_seq[job.new_id] = 0
+        row = self._conversation_row(job.new_id)
+        assert row is not None
+        return Transitioned(conv=row, created=True)
+
     def _mark_read(self, job: MarkRead) -> Done:
         row = self.conn.execute(
             "UPDATE participants SET read_seq = MAX(read_seq, ?) "
@@ -304,7 +493,18 @@ class BatchWriter:
 
 
 def _as_row(s: Stored) -> tuple[Any, ...]:
-    return (s.conv, s.seq, s.msg_id, s.sender, s.sender_role, s.client_msg_id, s.type, s.body, s.ts)
+    return (
+        s.conv,
+        s.seq,
+        s.msg_id,
+        s.sender,
+        s.sender_role,
+        s.client_msg_id,
+        s.type,
+        s.body,
+        s.ts,
+        s.visibility,
+    )
 
 
 # -- the writer process --------------------------------------------------------------------
