@@ -8,14 +8,17 @@ per-connection limits and hands valid requests to the :class:`ChatService`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import Any
 
 from kefu.auth import verify_token
 from kefu.config import Config
 from kefu.errors import AuthError, CloseCode, ErrorCode
 from kefu.hub import Hub
 from kefu.metrics import Metrics
+from kefu.model import Role
 from kefu.protocol import frames as f
 from kefu.protocol.server import Rejected, ServerConnection
 from kefu.ratelimit import TokenBucket
@@ -39,6 +42,7 @@ class Gateway:
         self.service = service
         self.sessions: dict[str, Session] = {}
         self.draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- opening --------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class Gateway:
                 protocol=f.PROTOCOL_VERSION,
             )
         )
+        if principal.role is Role.AGENT:
+            await self.service.desk.agent_connected(principal)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -220,6 +226,13 @@ class Gateway:
         if self.sessions.pop(session.id, None) is None:
             return
         self.hub.remove(session)
+        principal = session.principal
+        if principal is not None and principal.role in (Role.AGENT, Role.ADMIN):
+            task = asyncio.get_running_loop().create_task(
+                self.service.desk.agent_disconnected(principal, self.hub.count(principal.user_id))
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self.metrics.connections.dec()
         self.metrics.connections_closed.labels(code=str(session.close_code or "peer")).inc()
 

@@ -14,13 +14,16 @@ import time
 
 from kefu.broker import Broker, LocalBroker
 from kefu.config import Config
+from kefu.desk import Desk
 from kefu.errors import CloseCode, StoreError
 from kefu.gateway import Gateway
 from kefu.hub import Hub
 from kefu.metrics import Metrics
 from kefu.protocol import frames as f
+from kefu.routing import MemoryRouting, RoutingBackend
 from kefu.service import ChatService
 from kefu.store import MessageStore, create_store
+from kefu.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,25 @@ class Node:
         metrics: Metrics | None = None,
         store: MessageStore | None = None,
         broker: Broker | None = None,
+        routing: RoutingBackend | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = store or create_store(config, self.metrics)
         self.hub = Hub()
         self.broker = broker or LocalBroker(self.hub)
+        self.webhooks = Webhooks(config.webhooks, self.metrics)
+        self.routing = routing or MemoryRouting()
+        self.desk = Desk(
+            config,
+            store=self.store,
+            routing=self.routing,
+            broker=self.broker,
+            metrics=self.metrics,
+            webhooks=self.webhooks,
+        )
         self.service = ChatService(
-            config, store=self.store, broker=self.broker, metrics=self.metrics
+            config, store=self.store, broker=self.broker, metrics=self.metrics, desk=self.desk
         )
         self.gateway = Gateway(config, metrics=self.metrics, hub=self.hub, service=self.service)
         self._sweeper: asyncio.Task[None] | None = None
@@ -49,6 +63,8 @@ class Node:
     async def start(self) -> None:
         await self.store.start()
         await self.broker.start()
+        await self.webhooks.start()
+        await self.desk.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
@@ -108,5 +124,7 @@ class Node:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await self.desk.close()
+        await self.webhooks.close()
         await self.broker.close()
         await self.store.close()

@@ -5,8 +5,12 @@ with the :class:`Session` that sent them, talks to the store and the broker, and
 replies on the session. Every operation is authorised here, by role:
 
 * a customer reaches only conversations where they are the customer;
-* an agent only conversations assigned to them;
-* an admin every conversation.
+* an agent conversations assigned to them, and (read-only) their groups' queued ones;
+* an admin every conversation, read-only unless they take it over; private notes
+  (``note`` messages) are written and read by agents and admins only.
+
+Customer-service operations (assignment, transfer, resolve, ratings...) are the desk's
+(:mod:`kefu.desk`); this module hands them over after authorising the conversation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import msgspec
 from kefu import ids
 from kefu.broker import Broker
 from kefu.config import Config
+from kefu.desk import Desk, agent_frame
 from kefu.errors import (
     ErrorCode,
     Forbidden,
@@ -32,42 +37,27 @@ from kefu.errors import (
     StoreError,
 )
 from kefu.metrics import Metrics
-from kefu.model import Conversation, ConversationState, NewMessage, Principal, Role, StoredMessage
+from kefu.model import (
+    AgentStatus,
+    Conversation,
+    ConversationState,
+    NewMessage,
+    Principal,
+    Role,
+    StoredMessage,
+    Visibility,
+)
 from kefu.protocol import frames as f
 from kefu.protocol.server import encode, error_frame
 from kefu.session import Session
 from kefu.store.base import MessageStore
+from kefu.views import conversation_info, message_frame
 
 log = logging.getLogger(__name__)
 
 
-def message_frame(message: StoredMessage) -> f.Message:
-    return f.Message(
-        conv=message.conv,
-        seq=message.seq,
-        msg_id=message.msg_id,
-        sender=message.sender,
-        sender_role=message.sender_role,
-        type=message.type,
-        body=msgspec.Raw(message.body),
-        ts=message.ts,
-        client_msg_id=message.client_msg_id or "",
-    )
-
-
-def conversation_info(conv: Conversation, last_seq: int, read_seq: int = 0) -> f.ConversationInfo:
-    return f.ConversationInfo(
-        conv=conv.id,
-        customer=conv.customer_id,
-        state=conv.state.value,
-        last_seq=last_seq,
-        read_seq=read_seq,
-        agent=conv.agent_id,
-        group=conv.group_id,
-        created_at=conv.created_at,
-        context_type=conv.context_type,
-        context=None if conv.context is None else msgspec.Raw(conv.context),
-    )
+#: States in which a customer's message needs no lifecycle step first.
+_FAST_STATES = frozenset({ConversationState.QUEUED, ConversationState.ASSIGNED})
 
 
 def can_read(principal: Principal, conv: Conversation) -> bool:
@@ -80,9 +70,16 @@ def can_read(principal: Principal, conv: Conversation) -> bool:
 
 class ChatService:
     def __init__(
-        self, config: Config, *, store: MessageStore, broker: Broker, metrics: Metrics
+        self,
+        config: Config,
+        *,
+        store: MessageStore,
+        broker: Broker,
+        metrics: Metrics,
+        desk: Desk,
     ) -> None:
         self.config = config
+        self.desk = desk
         self.store = store
         self.broker = broker
         self.metrics = metrics
@@ -97,6 +94,13 @@ class ChatService:
         conv = self.store.cached_conversation(conv_id)
         if conv is None:
             conv = await self.store.get_conversation(conv_id)
+        if (
+            conv is not None
+            and principal.role is Role.AGENT
+            and not can_read(principal, conv)
+            and await self.desk.can_read(principal, conv)
+        ):
+            return conv  # a queued conversation of the agent's group
         return self._authorized(principal, conv, conv_id)
 
     @staticmethod
@@ -130,8 +134,9 @@ class ChatService:
                     await self.open(session, request)
             elif isinstance(request, f.ListConversations):
                 await self.list_conversations(session, request)
-            else:  # pragma: no cover - the protocol only yields the ops above
-                raise ProtocolError(f"unexpected request {type(request).__name__}")
+            else:
+                with self._counted():
+                    await self.desk_request(session, request)
         except KefuError as exc:
             self.reply_error(
                 session, exc.code, exc.message, request.id, retry_after=exc.retry_after
@@ -139,6 +144,77 @@ class ChatService:
         except Exception:  # a bug must cost one request, not the connection
             log.exception("request %s failed", type(request).__name__)
             self.reply_error(session, ErrorCode.INTERNAL, "internal error", request.id)
+
+    async def desk_request(self, session: Session, request: f.ClientRequest) -> None:
+        """The customer-service operations: authorise, then hand to the desk."""
+        principal = session.principal
+        assert principal is not None
+        desk = self.desk
+        if isinstance(request, f.SetStatus):
+            state = await desk.set_status(principal, AgentStatus(request.status))
+            session.send(agent_frame(state, request.id))
+            return
+        if isinstance(request, f.Pick):
+            conv = await desk.pick(principal, request.conv)
+        elif isinstance(request, f.Rate):
+            conv = await desk.rate(principal, request.conv, request.score, request.comment)
+        elif isinstance(request, f.ListQueue):
+            entries = await desk.queue_of(principal, request.group)
+            live = 0
+            items = []
+            for e in entries:
+                live += not e.backlog
+                items.append(
+                    f.QueueItem(
+                        conv=e.conv,
+                        customer=e.customer,
+                        position=0 if e.backlog else live,
+                        since=e.since,
+                        backlog=e.backlog,
+                    )
+                )
+            session.send(f.Queue(group=request.group, entries=items, id=request.id))
+            return
+        elif isinstance(request, f.ListCanned):
+            responses = await desk.canned(principal, request.group)
+            session.send(
+                f.Canned(
+                    id=request.id,
+                    responses=[
+                        f.CannedItem(id=c.id, shortcut=c.shortcut, text=c.text, group=c.group_id)
+                        for c in responses
+                    ],
+                )
+            )
+            return
+        else:
+            conv = await self._conversation(principal, request.conv)  # type: ignore[union-attr]
+            if isinstance(request, f.Accept):
+                conv = await desk.accept(principal, conv)
+            elif isinstance(request, f.Transfer):
+                conv = await desk.transfer(
+                    principal,
+                    conv,
+                    agent_id=request.agent,
+                    group_id=request.group,
+                    note=request.note,
+                )
+            elif isinstance(request, f.Wait):
+                conv = await desk.wait(principal, conv)
+            elif isinstance(request, f.Resolve):
+                conv = await desk.resolve(principal, conv)
+            elif isinstance(request, f.Close):
+                conv = await desk.close_conversation(principal, conv, reason=principal.role.value)
+            elif isinstance(request, f.SetLabels):
+                conv = await desk.set_labels(principal, conv, request.labels)
+            elif isinstance(request, f.Watch):
+                await desk.watch(principal, conv, request.on)
+            elif isinstance(request, f.Takeover):
+                conv = await desk.takeover(principal, conv)
+            else:  # pragma: no cover - the protocol only yields the ops above
+                raise ProtocolError(f"unexpected request {type(request).__name__}")
+        last = await self.store.last_seq(conv.id)
+        session.send(f.Conversation(id=request.id, conversation=conversation_info(conv, last)))
 
     def reply_error(
         self,
@@ -166,6 +242,23 @@ class ChatService:
             found = self.store.cached_conversation(request.conv)
             if found is None:
                 found = await self.store.get_conversation(request.conv)
+            if (
+                found is not None
+                and found.state not in _FAST_STATES
+                and principal.role is Role.CUSTOMER
+                and found.customer_id == principal.user_id
+            ):
+                found = await self.desk.before_customer_message(principal, found)
+            elif (
+                found is not None
+                and principal.role is Role.AGENT
+                and request.type == "note"
+                and found.agent_id != principal.user_id
+                and await self.desk.can_read(principal, found)
+            ):
+                self._refuse_if_draining(request.type)
+                self._note_queued(session, request, principal, received, found)
+                return
             self._submit(session, request, principal, received, found)
         except BaseException:
             self._end()
@@ -193,11 +286,12 @@ class ChatService:
         except KefuError:
             self.metrics.message_result(request.type, "rejected").inc()
             raise
-        if conv.state is ConversationState.CLOSED:
+        internal = request.type in f.INTERNAL_MESSAGE_TYPES
+        try:
+            self._may_write(principal, conv, internal=internal)
+        except KefuError:
             self.metrics.message_result(request.type, "rejected").inc()
-            raise KefuError(
-                f"conversation {conv.id!r} is closed", code=ErrorCode.CONVERSATION_CLOSED
-            )
+            raise
         message = NewMessage(
             conv=conv.id,
             sender=principal.user_id,
@@ -205,12 +299,62 @@ class ChatService:
             client_msg_id=request.client_msg_id,
             type=request.type,
             body=bytes(request.body),
+            visibility=Visibility.INTERNAL if internal else Visibility.ALL,
         )
         try:
             future = self.store.submit(message)
         except StoreError:
             self.metrics.message_result(request.type, "failed").inc()
             raise
+        future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
+
+    @staticmethod
+    def _may_write(principal: Principal, conv: Conversation, *, internal: bool) -> None:
+        """Who may post what, in which state (the conversation is readable already)."""
+        if internal:
+            if principal.role is Role.CUSTOMER:
+                raise Forbidden("private notes are for agents and admins")
+            if conv.state is ConversationState.CLOSED:
+                raise KefuError(
+                    f"conversation {conv.id!r} is closed", code=ErrorCode.CONVERSATION_CLOSED
+                )
+            return
+        if conv.state is ConversationState.CLOSED:
+            raise KefuError(
+                f"conversation {conv.id!r} is closed", code=ErrorCode.CONVERSATION_CLOSED
+            )
+        if principal.role is Role.CUSTOMER:
+            return
+        if conv.agent_id != principal.user_id:
+            if principal.role is Role.ADMIN:
+                raise Forbidden("supervisors watch read-only: take the conversation over to write")
+            raise Forbidden(f"conversation {conv.id!r} is not assigned to you")
+        if conv.state is ConversationState.RESOLVED:
+            raise KefuError(
+                f"conversation {conv.id!r} is resolved: the customer's next message reopens it",
+                code=ErrorCode.INVALID_TRANSITION,
+            )
+
+    def _note_queued(
+        self,
+        session: Session,
+        request: f.Send,
+        principal: Principal,
+        received: float,
+        conv: Conversation,
+    ) -> None:
+        """A note by an agent of the group on a queued conversation they may read."""
+        future = self.store.submit(
+            NewMessage(
+                conv=conv.id,
+                sender=principal.user_id,
+                sender_role=principal.role,
+                client_msg_id=request.client_msg_id,
+                type=request.type,
+                body=bytes(request.body),
+                visibility=Visibility.INTERNAL,
+            )
+        )
         future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
 
     def _stored(
@@ -266,12 +410,9 @@ class ChatService:
             result = "duplicate" if stored.duplicate else "stored"
             self.metrics.message_result(request.type, result).inc()
             self.metrics.push_kind("message").inc()
-            self.broker.deliver(
-                conv.participants(),
-                encode(message_frame(stored)),
-                received=received,
-                exclude=session,
-            )
+            self.desk.push_message(conv, stored, received=received, exclude=session)
+            assert session.principal is not None
+            self.desk.message_stored(session.principal, conv, stored)
         finally:
             self._end()
 
@@ -307,14 +448,25 @@ class ChatService:
         await self._conversation(session.principal, request.conv)
         limit = min(request.limit, self.config.limits.max_page)
         rows = await self.store.messages_after(request.conv, request.after_seq, limit + 1)
-        session.send(self._page(request.conv, rows, limit, request.id, newest_last=True))
+        page = self._page(request.conv, rows, limit, request.id, newest_last=True)
+        session.send(self._visible(session.principal, page))
 
     async def history(self, session: Session, request: f.History) -> None:
         assert session.principal is not None
         await self._conversation(session.principal, request.conv)
         limit = min(request.limit, self.config.limits.max_page)
         rows = await self.store.messages_before(request.conv, request.before_seq, limit + 1)
-        session.send(self._page(request.conv, rows, limit, request.id, newest_last=False))
+        page = self._page(request.conv, rows, limit, request.id, newest_last=False)
+        session.send(self._visible(session.principal, page))
+
+    @staticmethod
+    def _visible(principal: Principal, page: f.Messages) -> f.Messages:
+        """Customers never see internal messages; ``last_seq`` still covers them, so a
+        client that syncs past a private note's seq knows nothing is missing there."""
+        if principal.role is not Role.CUSTOMER:
+            return page
+        page.messages = [m for m in page.messages if m.type not in f.INTERNAL_MESSAGE_TYPES]
+        return page
 
     def _page(
         self,
@@ -386,7 +538,7 @@ class ChatService:
         principal = session.principal
         assert principal is not None
         conv = await self._conversation(principal, request.conv)
-        others = [u for u in conv.participants() if u != principal.user_id]
+        others = [u for u in self.desk.recipients(conv, internal=False) if u != principal.user_id]
         self.metrics.push_kind("typing").inc()
         self.broker.deliver(
             others, encode(f.TypingNotice(conv=conv.id, user=principal.user_id)), ephemeral=True
@@ -401,27 +553,28 @@ class ChatService:
             raise KefuError("node is shutting down", code=ErrorCode.SHUTTING_DOWN)
         if request.context is not None and request.context_type is None:
             raise ProtocolError("context needs context_type (order_card or listing_card)")
-        agent_id: str | None = None
+        context = None if request.context is None else msgspec.json.encode(request.context)
+        context_type = request.context_type if context is not None else None
         if principal.role is Role.CUSTOMER:
             if request.customer_id not in (None, principal.user_id):
                 raise Forbidden("customers open conversations for themselves only")
-            customer_id = principal.user_id
+            conv = await self.desk.open_for_customer(
+                principal, request.group, context_type, context
+            )
+        elif request.customer_id is None:
+            raise ProtocolError("agents and admins must name customer_id")
+        elif principal.role is Role.ADMIN:  # on the customer's behalf: routed like theirs
+            customer = Principal(request.customer_id, Role.CUSTOMER)
+            conv = await self.desk.open_for_customer(customer, request.group, context_type, context)
         else:
-            if request.customer_id is None:
-                raise ProtocolError("agents and admins must name customer_id")
-            customer_id = request.customer_id
-            if principal.role is Role.AGENT:
-                agent_id = principal.user_id
-        context = None if request.context is None else msgspec.json.encode(request.context)
-        conv = await self.store.create_conversation(
-            customer_id=customer_id,
-            agent_id=agent_id,
-            group_id=request.group,
-            context_type=request.context_type if context is not None else None,
-            context=context,
-        )
-        info = conversation_info(conv, 0)
+            conv = await self.desk.open_by_agent(
+                principal, request.customer_id, request.group, context_type, context
+            )
+        last = await self.store.last_seq(conv.id)
+        info = conversation_info(conv, last)
         session.send(f.Conversation(id=request.id, conversation=info))
         self.broker.deliver(
-            conv.participants(), encode(f.Conversation(conversation=info)), exclude=session
+            self.desk.recipients(conv, internal=False),
+            encode(f.Conversation(conversation=info)),
+            exclude=session,
         )

@@ -149,7 +149,7 @@ async def test_documented_session(server: Server) -> None:
             "op": "open",
             "id": "o1",
             "customer_id": "cust-42",
-            "group": "presale",
+            "group": "general",
             "context_type": "listing_card",
             "context": LISTING,
         }
@@ -161,7 +161,7 @@ async def test_documented_session(server: Server) -> None:
     assert info["agent"] == "agent-7"
     assert info["state"] == "assigned"
     assert info["last_seq"] == 0
-    assert info["group"] == "presale"
+    assert info["group"] == "general"
     # the context is echoed in its canonical form: the card's default currency filled in
     assert info["context_type"] == "listing_card"
     assert info["context"] == dict(LISTING, currency="CNY")

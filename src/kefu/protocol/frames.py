@@ -27,8 +27,13 @@ Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Dimension = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
 
-MessageType = Literal["text", "image", "order_card", "listing_card", "system"]
-CLIENT_MESSAGE_TYPES = ("text", "image", "order_card", "listing_card")
+MessageType = Literal["text", "image", "order_card", "listing_card", "note", "system"]
+CLIENT_MESSAGE_TYPES = ("text", "image", "order_card", "listing_card", "note")
+#: Types visible to agents and admins only (never pushed, synced or shown to customers).
+INTERNAL_MESSAGE_TYPES = frozenset({"note"})
+GroupId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[^\s,]+$")]
+NoteText = Annotated[str, msgspec.Meta(max_length=2000)]
 Role = Literal["customer", "agent", "admin"]
 
 # -- message bodies (the ``body`` of a message, chosen by its ``type``) --------------------
@@ -66,6 +71,7 @@ BODY_TYPES: dict[str, type[msgspec.Struct]] = {
     "image": ImageBody,
     "order_card": CardBody,
     "listing_card": CardBody,
+    "note": TextBody,
     "system": SystemBody,
 }
 
@@ -83,7 +89,7 @@ class Auth(ClientFrame, tag="auth"):
 class Send(ClientFrame, tag="send"):
     conv: ConvId
     client_msg_id: ClientMsgId
-    type: Literal["text", "image", "order_card", "listing_card"]
+    type: Literal["text", "image", "order_card", "listing_card", "note"]
     body: msgspec.Raw
 
 
@@ -125,7 +131,110 @@ class ListConversations(ClientFrame, tag="convs"):
     pass
 
 
-ClientRequest = Auth | Send | Sync | History | Read | Typing | Ping | Open | ListConversations
+# -- customer service (see docs/protocol.md, "Customer service") ----------------------------
+
+
+class SetStatus(ClientFrame, tag="status"):
+    """An agent sets their status; answered by an ``agent`` frame."""
+
+    status: Literal["online", "away", "offline"]
+
+
+class Accept(ClientFrame, tag="accept"):
+    conv: ConvId
+
+
+class Pick(ClientFrame, tag="pick"):
+    """An agent takes a queued conversation of their group (pool mode, or any mode)."""
+
+    conv: ConvId
+
+
+class Transfer(ClientFrame, tag="transfer"):
+    """To another agent or to a group's queue (exactly one of ``agent`` and ``group``)."""
+
+    conv: ConvId
+    agent: UserId | None = None
+    group: GroupId | None = None
+    note: NoteText = ""
+
+
+class Wait(ClientFrame, tag="wait"):
+    """The agent waits on the customer (``assigned`` -> ``waiting``)."""
+
+    conv: ConvId
+
+
+class Resolve(ClientFrame, tag="resolve"):
+    conv: ConvId
+
+
+class Close(ClientFrame, tag="close"):
+    conv: ConvId
+
+
+class Rate(ClientFrame, tag="rate"):
+    """The customer rates a resolved conversation (CSAT), once."""
+
+    conv: ConvId
+    score: Annotated[int, msgspec.Meta(ge=1, le=5)]
+    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
+class SetLabels(ClientFrame, tag="labels"):
+    conv: ConvId
+    labels: Annotated[list[Label], msgspec.Meta(max_length=20)]
+
+
+class Watch(ClientFrame, tag="watch"):
+    """A supervisor watches a conversation read-only (``on=false`` stops)."""
+
+    conv: ConvId
+    on: bool = True
+
+
+class Takeover(ClientFrame, tag="takeover"):
+    """A supervisor makes themselves the conversation's agent."""
+
+    conv: ConvId
+
+
+class ListQueue(ClientFrame, tag="queue"):
+    """The queue of a group (agents of the group, admins)."""
+
+    group: GroupId
+
+
+class ListCanned(ClientFrame, tag="canned"):
+    """Canned responses of the agent's groups (of ``group`` when given)."""
+
+    group: GroupId | None = None
+
+
+ClientRequest = (
+    Auth
+    | Send
+    | Sync
+    | History
+    | Read
+    | Typing
+    | Ping
+    | Open
+    | ListConversations
+    | SetStatus
+    | Accept
+    | Pick
+    | Transfer
+    | Wait
+    | Resolve
+    | Close
+    | Rate
+    | SetLabels
+    | Watch
+    | Takeover
+    | ListQueue
+    | ListCanned
+)
 
 # -- server -> client ---------------------------------------------------------------------
 
@@ -219,6 +328,10 @@ class ConversationInfo(msgspec.Struct, omit_defaults=True):
     created_at: int = 0
     context_type: str | None = None
     context: msgspec.Raw | None = None
+    labels: list[str] = []
+    accepted: bool = False
+    csat_score: int | None = None
+    successor: str | None = None
 
 
 class Conversation(ServerFrame, tag="conversation"):
@@ -228,6 +341,54 @@ class Conversation(ServerFrame, tag="conversation"):
 
 class Conversations(ServerFrame, tag="conversations"):
     conversations: list[ConversationInfo]
+    id: RequestId | None = None
+
+
+class QueuePosition(ServerFrame, tag="queue_position"):
+    """Pushed to a waiting customer whenever their place in the queue changes."""
+
+    conv: str
+    group: str
+    position: int  # 1 = next; 0 when they left a message instead of waiting live
+    estimated_wait: float | None = None  # seconds, None while unknown
+    backlog: bool = False
+
+
+class AgentInfo(ServerFrame, tag="agent"):
+    """An agent's own state: pushed to all their connections when it changes."""
+
+    agent: str
+    status: str  # what they chose: online, away, offline
+    connected: bool
+    load: int
+    capacity: int
+    groups: list[str]
+    id: RequestId | None = None
+
+
+class QueueItem(msgspec.Struct, omit_defaults=True):
+    conv: str
+    customer: str
+    position: int
+    since: int
+    backlog: bool = False
+
+
+class Queue(ServerFrame, tag="queue"):
+    group: str
+    entries: list[QueueItem]
+    id: RequestId | None = None
+
+
+class CannedItem(msgspec.Struct, omit_defaults=True):
+    id: str
+    shortcut: str
+    text: str
+    group: str | None = None
+
+
+class Canned(ServerFrame, tag="canned"):
+    responses: list[CannedItem]
     id: RequestId | None = None
 
 
@@ -244,4 +405,8 @@ ServerEvent = (
     | Notice
     | Conversation
     | Conversations
+    | QueuePosition
+    | AgentInfo
+    | Queue
+    | Canned
 )

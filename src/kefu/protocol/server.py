@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 
 import msgspec
 
@@ -31,7 +32,9 @@ class _Envelope(msgspec.Struct):
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _body_decoders = {name: msgspec.json.Decoder(cls) for name, cls in f.BODY_TYPES.items()}
 _KNOWN_OPS = frozenset(
-    ("auth", "send", "sync", "history", "read", "typing", "ping", "open", "convs")
+    cls.__struct_config__.tag
+    for cls in typing.get_args(f.ClientRequest)
+    if isinstance(cls.__struct_config__.tag, str)
 )
 _PRE_AUTH_OPS = (f.Auth, f.Ping)
 

@@ -171,6 +171,11 @@ class MessageStore(abc.ABC):
         """Conversations matching ``where``, most recently updated first."""
 
     @abc.abstractmethod
+    async def idle_conversations(self, before: int) -> list[tuple[str, int]]:
+        """Assigned or waiting conversations whose last public chat message came from the
+        agent side before ``before`` (ms): (conversation id, that message's ts)."""
+
+    @abc.abstractmethod
     async def latest_agent(self, customer_id: str) -> str | None:
         """The agent of the customer's most recent conversation that had one."""
 

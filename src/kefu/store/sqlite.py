@@ -489,6 +489,14 @@ class SQLiteStore(MessageStore):
             context=context,
             created_at=ids.now_ms(),
         )
+        conv = dataclasses.replace(conv, updated_at=conv.created_at)
+        if agent_id:  # the agent started it: assigned and accepted at once
+            conv = dataclasses.replace(
+                conv,
+                assigned_at=conv.created_at,
+                first_assigned_at=conv.created_at,
+                accepted_at=conv.created_at,
+            )
         await self._write(
             w.Create(
                 id=conv.id,
@@ -755,6 +763,25 @@ class SQLiteStore(MessageStore):
             return [conversation_from_row(r) for r in conn.execute(sql, params).fetchall()]
 
         return await self._read("search_conversations", run)
+
+    async def idle_conversations(self, before: int) -> list[tuple[str, int]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            rows = conn.execute(
+                "SELECT c.id, (SELECT m.sender_role || ' ' || m.ts FROM messages m "
+                "WHERE m.conversation_id = c.id AND m.visibility = 'all' "
+                "AND m.type <> 'system' ORDER BY m.seq DESC LIMIT 1) AS last "
+                "FROM conversations c WHERE c.state IN ('assigned', 'waiting')"
+            ).fetchall()
+            out = []
+            for conv_id, last in rows:
+                if last is None:
+                    continue
+                role, ts = last.split(" ")
+                if role in ("agent", "admin") and int(ts) < before:
+                    out.append((conv_id, int(ts)))
+            return out
+
+        return await self._read("idle_conversations", run)
 
     async def latest_agent(self, customer_id: str) -> str | None:
         def run(conn: sqlite3.Connection) -> str | None:

@@ -369,8 +369,8 @@ class BatchWriter:
         self.conn.execute(
             # OR IGNORE: a job resent after a writer restart may have committed already.
             "INSERT OR IGNORE INTO conversations (id, customer_id, agent_id, group_id, state, "
-            "context_type, context, created_at, updated_at, assigned_at, first_assigned_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "context_type, context, created_at, updated_at, assigned_at, first_assigned_at, "
+            "accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.customer_id,
@@ -381,6 +381,7 @@ class BatchWriter:
                 job.context,
                 job.created_at,
                 job.created_at,
+                job.created_at if job.agent_id else None,
                 job.created_at if job.agent_id else None,
                 job.created_at if job.agent_id else None,
             ),
