@@ -1,4 +1,5 @@
-"""HTTP on the node's port: ``/ws``, ``/health``, ``/ready``, ``/metrics``; and running it."""
+"""HTTP on the node's port: ``/ws``, ``/health``, ``/ready``, ``/metrics``, the REST API
+(``/api/v1``, described at ``/api/openapi.json``); and running it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kefu import __version__
+from kefu.api import add_routes, openapi_document
 from kefu.config import Config
 from kefu.node import Node
 from kefu.runtime import tune_process
@@ -40,14 +42,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 def build_app(node: Node) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=256 * 1024)
     app[NODE_KEY] = node
     app[GATEWAY_KEY] = node.gateway
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/openapi.json", openapi)
+    add_routes(app, node.desk)
     return app
 
 

@@ -38,9 +38,19 @@ from kefu.protocol.client import decode_event, encode_request
 log = logging.getLogger(__name__)
 
 TokenSource = str | Callable[[], Awaitable[str]]
-Reply = f.Ack | f.Messages | f.Ok | f.Pong | f.Conversation | f.Conversations
+Reply = (
+    f.Ack
+    | f.Messages
+    | f.Ok
+    | f.Pong
+    | f.Conversation
+    | f.Conversations
+    | f.AgentInfo
+    | f.Queue
+    | f.Canned
+)
 
-_SEND_TYPES = {"text", "image", "order_card", "listing_card"}
+_SEND_TYPES = {"text", "image", "order_card", "listing_card", "note"}
 
 
 class Backoff:
@@ -420,6 +430,14 @@ class Client:
         self.last_seq.setdefault(reply.conversation.conv, 0)
         return reply.conversation
 
+    async def request(self, frame: f.ClientRequest, *, retry: bool = False) -> Reply:
+        """Send any request and return its reply (an ``error`` reply raises RemoteError).
+
+        With ``retry`` the request is repeated across reconnects and retryable errors:
+        only for requests that are safe to repeat (reads, ``status``, ``labels``, ...).
+        """
+        return await self._retrying(frame, 5 if retry else 1, idempotent=retry)
+
     async def conversations(self) -> list[f.ConversationInfo]:
         reply = await self._retrying(f.ListConversations(), 5)
         assert isinstance(reply, f.Conversations)
@@ -455,6 +473,9 @@ class Client:
             assert isinstance(page, f.Messages)
             for message in page.messages:
                 self._accept(message, from_sync=True)
+            # The page covers every seq up to its last_seq: seqs it skipped are entries we
+            # may not see (private notes), not losses.
+            self._advance(conv, page.last_seq)
             if not page.has_more or self.last_seq.get(conv, 0) <= after:
                 return
 
@@ -477,6 +498,22 @@ class Client:
         self._ahead.setdefault(conv, {})[message.seq] = message
         if not from_sync and conv not in self._syncing:
             self._start_sync(conv)
+
+    def _advance(self, conv: str, seq: int) -> None:
+        """Everything up to ``seq`` in ``conv`` has been delivered or is not for us."""
+        if seq <= self.last_seq.get(conv, 0):
+            return
+        self.last_seq[conv] = seq
+        ahead = self._ahead.get(conv)
+        while ahead:
+            for stale in [s for s in ahead if s <= self.last_seq[conv]]:
+                del ahead[stale]
+            nxt = ahead.pop(self.last_seq[conv] + 1, None)
+            if nxt is None:
+                break
+            self._deliver(nxt)
+        if ahead is not None and not ahead:
+            del self._ahead[conv]
 
     def _deliver(self, message: f.Message) -> None:
         self.last_seq[message.conv] = message.seq
