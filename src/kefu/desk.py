@@ -74,6 +74,14 @@ EWMA_WEIGHT = 0.2
 
 
 @dataclasses.dataclass(slots=True)
+class _Gate:
+    """A lock with a count of who holds or waits for it (dropped when nobody does)."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@dataclasses.dataclass(slots=True)
 class _GroupPace:
     """How fast a group's queue moves, for estimated waits."""
 
@@ -122,6 +130,9 @@ class Desk:
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._opening: dict[tuple[str, str], _Gate] = {}  # customer, group -> open in progress
+        #: Connections of agent users on this node, set up as agents or not (yet).
+        self._connected_here: dict[str, int] = {}
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -333,7 +344,9 @@ class Desk:
     async def agent_connected(self, principal: Principal) -> None:
         if principal.role is not Role.AGENT:
             return
-        state = await self.routing.connected(principal.user_id, ids.now_ms())
+        user = principal.user_id
+        self._connected_here[user] = self._connected_here.get(user, 0) + 1
+        state = await self.routing.connected(user, ids.now_ms())
         if state is not None:
             self._agent_changed(state)
             self.broker.deliver([state.id], encode(agent_frame(state)))
@@ -349,6 +362,9 @@ class Desk:
             return
         if principal.role is not Role.AGENT:
             return
+        left = self._connected_here.pop(principal.user_id, 0) - 1
+        if left > 0:
+            self._connected_here[principal.user_id] = left
         state = await self.routing.disconnected(principal.user_id, ids.now_ms())
         if state is not None:
             self._agent_changed(state)
@@ -387,9 +403,30 @@ class Desk:
         group_id: str | None,
         context_type: str | None,
         context: bytes | None,
-    ) -> Conversation:
-        """The customer's open conversation in the group, or a new one, routed."""
+    ) -> tuple[Conversation, bool]:
+        """The customer's open conversation in the group, or a new one (True: then call
+        :meth:`route_opened` once the customer has the reply)."""
         group = self.group(group_id)
+        # One at a time per customer and group: two tabs opening at once get one
+        # conversation, not two (the search and the create are separate steps).
+        key = (principal.user_id, group.id)
+        gate = self._opening.setdefault(key, _Gate())
+        gate.users += 1
+        try:
+            async with gate.lock:
+                return await self._open_for_customer(principal, group, context_type, context)
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._opening[key]
+
+    async def _open_for_customer(
+        self,
+        principal: Principal,
+        group: Group,
+        context_type: str | None,
+        context: bytes | None,
+    ) -> tuple[Conversation, bool]:
         existing = await self.store.search_conversations(
             ConversationFilter(
                 customer_id=principal.user_id, group_id=group.id, states=tuple(OPEN_STATES)
@@ -397,7 +434,7 @@ class Desk:
             limit=1,
         )
         if existing:
-            return existing[0]
+            return existing[0], False
         conv = await self.store.create_conversation(
             customer_id=principal.user_id,
             group_id=group.id,
@@ -405,8 +442,12 @@ class Desk:
             context=context,
         )
         self.emit("conversation.created", conv)
+        return conv, True
+
+    async def route_opened(self, conv: Conversation) -> None:
+        """Welcome and queue a conversation that a customer has just opened."""
+        group = self.group(conv.group_id)
         await self._route_new(conv, group, prefer=await self.store.latest_agent(conv.customer_id))
-        return conv
 
     async def _route_new(
         self, conv: Conversation, group: Group, *, prefer: str | None, data: Any = None
@@ -487,7 +528,8 @@ class Desk:
             return await self.conversation_fresh(conv.id)
         if conv.state is ConversationState.RESOLVED:
             window = self.settings.reopen_window * 1000
-            if conv.resolved_at is not None and ids.now_ms() - conv.resolved_at <= window:
+            # strictly within: a window of 0 never reopens (even in the ms of the resolve)
+            if conv.resolved_at is not None and ids.now_ms() - conv.resolved_at < window:
                 return await self.reopen(conv, principal)
             with contextlib.suppress(InvalidTransition):
                 conv = await self._record(
@@ -557,9 +599,9 @@ class Desk:
         elif (
             not stored.internal
             and conv.agent_id == principal.user_id
-            and conv.first_response_at is None
+            and (conv.first_response_at is None or conv.accepted_at is None)
             and not stored.duplicate
-        ):
+        ):  # the holder's first reply (since the assignment) accepts it
             self._spawn(self._first_response(conv, principal.user_id))
         if not stored.duplicate:
             self.emit("message.created", conv, message=message_json(stored))
@@ -644,9 +686,10 @@ class Desk:
             raise InvalidTransition("the conversation is assigned to that agent already")
         next_state(conv.state, Event.TRANSFER)
         now = ids.now_ms()
-        if not await self.routing.reserve(agent_id, conv.id, now):
+        if not await self.routing.move(conv.id, conv.agent_id, agent_id, now):
             raise KefuError(
-                f"agent {agent_id!r} is not online or at capacity", code=ErrorCode.AGENT_UNAVAILABLE
+                f"agent {agent_id!r} is not online or at capacity",
+                code=ErrorCode.AGENT_UNAVAILABLE,
             )
         try:
             updated = await self._record(
@@ -659,12 +702,13 @@ class Desk:
                 stamps=["assigned_at"],
                 first_stamps=["first_assigned_at"],
             )
-        except KefuError:
-            await self.routing.release(agent_id, conv.id, now)
+        except KefuError:  # the store said no: the slot goes back
+            if conv.agent_id is not None:
+                await self.routing.move(conv.id, agent_id, conv.agent_id, now, force=True)
+            else:
+                await self.routing.release(agent_id, conv.id, now)
             raise
-        await self.routing.dequeue(conv.id)
         if conv.agent_id is not None:
-            await self.routing.release(conv.agent_id, conv.id, now)
             await self.push_agent(conv.agent_id)
         await self.push_agent(agent_id)
         self.metrics.assignments.labels(how="transfer").inc()
@@ -843,7 +887,12 @@ class Desk:
             raise NotFound(f"groups {unknown} do not exist")
         saved = await self.store.save_agent(agent)
         self.agents[saved.id] = saved
-        await self.routing.configure_agent(saved.id, saved.capacity, saved.groups, ids.now_ms())
+        now = ids.now_ms()
+        new = await self.routing.agent(saved.id) is None
+        await self.routing.configure_agent(saved.id, saved.capacity, saved.groups, now)
+        if new:  # set up while connected: the connections made before count from now on
+            for _ in range(self._connected_here.get(saved.id, 0)):
+                await self.routing.connected(saved.id, now)
         state = await self.push_agent(saved.id)
         if state is not None:
             self._agent_changed(state)

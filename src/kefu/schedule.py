@@ -21,7 +21,7 @@ from typing import Any
 from kefu.errors import InvalidArgument
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
+_TIME = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]|24:00")
 
 
 def _minutes(text: str) -> int:
@@ -52,7 +52,7 @@ def validate(schedule: Mapping[str, Any] | None) -> dict[str, Any] | None:
             if (
                 not isinstance(interval, list | tuple)
                 or len(interval) != 2
-                or not all(isinstance(t, str) and _TIME.match(t) for t in interval)
+                or not all(isinstance(t, str) and _TIME.fullmatch(t) for t in interval)
                 or _minutes(interval[0]) >= _minutes(interval[1])
             ):
                 raise InvalidArgument(f"bad interval {interval!r} on {day}: use ['09:00', '18:00']")

@@ -214,7 +214,17 @@ class ChatService:
             else:  # pragma: no cover - the protocol only yields the ops above
                 raise ProtocolError(f"unexpected request {type(request).__name__}")
         last = await self.store.last_seq(conv.id)
+        conv = self._latest(conv)
         session.send(f.Conversation(id=request.id, conversation=conversation_info(conv, last)))
+
+    def _latest(self, conv: Conversation) -> Conversation:
+        """The newest state of ``conv`` known here. A reply is sent after awaits, during which
+        the desk may have moved the conversation on (an assignment right after ``open``) and
+        pushed that: the reply must not show the client an older state after the push."""
+        cached = self.store.cached_conversation(conv.id)
+        if cached is not None and cached.updated_at >= conv.updated_at:
+            return cached
+        return conv
 
     def reply_error(
         self,
@@ -410,9 +420,12 @@ class ChatService:
             result = "duplicate" if stored.duplicate else "stored"
             self.metrics.message_result(request.type, result).inc()
             self.metrics.push_kind("message").inc()
-            self.desk.push_message(conv, stored, received=received, exclude=session)
+            # Recipients as of now, not of the submit: an assignment or transfer may have
+            # committed in between, and the new agent must get this push.
+            latest = self._latest(conv)
+            self.desk.push_message(latest, stored, received=received, exclude=session)
             assert session.principal is not None
-            self.desk.message_stored(session.principal, conv, stored)
+            self.desk.message_stored(session.principal, latest, stored)
         finally:
             self._end()
 
@@ -455,9 +468,19 @@ class ChatService:
         assert session.principal is not None
         await self._conversation(session.principal, request.conv)
         limit = min(request.limit, self.config.limits.max_page)
-        rows = await self.store.messages_before(request.conv, request.before_seq, limit + 1)
-        page = self._page(request.conv, rows, limit, request.id, newest_last=False)
-        session.send(self._visible(session.principal, page))
+        before = request.before_seq
+        while True:
+            rows = await self.store.messages_before(request.conv, before, limit + 1)
+            page = self._page(request.conv, rows, limit, request.id, newest_last=False)
+            oldest = page.messages[0].seq if page.messages else None
+            page = self._visible(session.principal, page)
+            # A customer's page of private notes only would be empty with has_more, leaving
+            # nothing to page back from (the next before_seq is the first message's seq):
+            # go on to older messages instead.
+            if page.messages or not page.has_more or oldest is None:
+                break
+            before = oldest
+        session.send(page)
 
     @staticmethod
     def _visible(principal: Principal, page: f.Messages) -> f.Messages:
@@ -558,19 +581,23 @@ class ChatService:
         if principal.role is Role.CUSTOMER:
             if request.customer_id not in (None, principal.user_id):
                 raise Forbidden("customers open conversations for themselves only")
-            conv = await self.desk.open_for_customer(
+            conv, created = await self.desk.open_for_customer(
                 principal, request.group, context_type, context
             )
         elif request.customer_id is None:
             raise ProtocolError("agents and admins must name customer_id")
         elif principal.role is Role.ADMIN:  # on the customer's behalf: routed like theirs
             customer = Principal(request.customer_id, Role.CUSTOMER)
-            conv = await self.desk.open_for_customer(customer, request.group, context_type, context)
+            conv, created = await self.desk.open_for_customer(
+                customer, request.group, context_type, context
+            )
         else:
             conv = await self.desk.open_by_agent(
                 principal, request.customer_id, request.group, context_type, context
             )
+            created = False
         last = await self.store.last_seq(conv.id)
+        conv = self._latest(conv)
         info = conversation_info(conv, last)
         session.send(f.Conversation(id=request.id, conversation=info))
         self.broker.deliver(
@@ -578,3 +605,5 @@ class ChatService:
             encode(f.Conversation(conversation=info)),
             exclude=session,
         )
+        if created:
+            await self.desk.route_opened(conv)  # after the reply, so that its events follow it

@@ -134,11 +134,13 @@ def wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def body_of(request: web.Request, kind: type[T]) -> T:
     raw = await request.read()
     try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise KefuError(f"invalid body: {exc}", code=ErrorCode.BAD_FRAME) from exc
+        data = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise KefuError(f"body is not JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
+    try:
+        return msgspec.convert(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise KefuError(f"invalid body: {exc}", code=ErrorCode.BAD_FRAME) from exc
 
 
 def _int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -152,6 +154,16 @@ def _int(request: web.Request, name: str, default: int | None, low: int, high: i
     if not low <= value <= high:
         raise InvalidArgument(f"{name} must be {low}..{high}")
     return value
+
+
+def _cursor(raw: str | None) -> tuple[int, str] | None:
+    """A conversation-list cursor, ``<updated_at>.<id>`` (next_before of a page)."""
+    if not raw:
+        return None
+    ts, _, conv = raw.partition(".")
+    if not ts.isdigit() or not conv:
+        raise InvalidArgument("before must be the next_before of the previous page")
+    return int(ts), conv
 
 
 def _time(request: web.Request, name: str) -> int | None:
@@ -199,7 +211,7 @@ async def list_conversations(request: web.Request, principal: Principal) -> web.
         customer_id=request.query.get("customer") or None,
         text=request.query.get("q") or None,
         include_internal=principal.role is not Role.CUSTOMER,
-        updated_before=_int(request, "before", None, 0, 2**62),
+        after=_cursor(request.query.get("before")),
     )
     if principal.role is Role.CUSTOMER:
         if where.customer_id not in (None, principal.user_id):
@@ -217,7 +229,7 @@ async def list_conversations(request: web.Request, principal: Principal) -> web.
     return json_response(
         s.ConversationList(
             conversations=[conversation_info(c) for c in found],
-            next_before=found[-1].updated_at if more and found else None,
+            next_before=f"{found[-1].updated_at}.{found[-1].id}" if more and found else None,
         )
     )
 
@@ -415,7 +427,12 @@ async def get_report(request: web.Request, principal: Principal) -> web.StreamRe
     by = request.query.get("by", "group")
     if by not in ("group", "agent"):
         raise InvalidArgument("by must be group or agent")
-    end = _time(request, "to") or ids.now_ms()
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidArgument("format must be json or csv")
+    end = _time(request, "to")
+    if end is None:
+        end = ids.now_ms()
     start = _time(request, "from")
     if start is None:
         start = end - 7 * 86_400_000
@@ -425,7 +442,7 @@ async def get_report(request: web.Request, principal: Principal) -> web.StreamRe
         ConversationFilter(created_from=start, created_to=end), limit=1_000_000
     )
     rows = report(convs, by, desk.settings.default_group)
-    if request.query.get("format", "json") == "csv":
+    if fmt == "csv":
         return web.Response(
             text=to_csv(rows),
             content_type="text/csv",
@@ -451,14 +468,15 @@ ROUTES: tuple[Route, ...] = (
         "/conversations",
         list_conversations,
         EVERYONE,
-        "List conversations, newest activity first (customers: theirs; agents: theirs)",
+        "List conversations, most recently changed (state, agent, labels) first "
+        "(customers: theirs; agents: theirs)",
         params=(
             Param("state", "Comma-separated states"),
             Param("group", "Skill group id"),
             Param("agent", "Agent id"),
             Param("customer", "Customer id"),
             Param("q", "Text that a message of the conversation contains"),
-            Param("before", "Paging cursor: next_before of the previous page", kind="integer"),
+            Param("before", "Paging cursor: next_before of the previous page"),
             LIMIT,
         ),
         response=s.ConversationList,

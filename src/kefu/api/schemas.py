@@ -97,7 +97,7 @@ class CannedOut(msgspec.Struct):
 class ConversationList(msgspec.Struct):
     conversations: list[ConversationInfo]
     #: Pass as ``before`` for the next page; absent on the last page.
-    next_before: int | None = None
+    next_before: str | None = None
 
 
 class ConversationDetail(msgspec.Struct):

@@ -503,17 +503,17 @@ class Client:
         """Everything up to ``seq`` in ``conv`` has been delivered or is not for us."""
         if seq <= self.last_seq.get(conv, 0):
             return
+        ahead = self._ahead.get(conv, {})
+        for held in sorted(s for s in ahead if s <= seq):  # in the range: nothing before
+            self._deliver(ahead.pop(held))
         self.last_seq[conv] = seq
-        ahead = self._ahead.get(conv)
         while ahead:
-            for stale in [s for s in ahead if s <= self.last_seq[conv]]:
-                del ahead[stale]
             nxt = ahead.pop(self.last_seq[conv] + 1, None)
             if nxt is None:
                 break
             self._deliver(nxt)
-        if ahead is not None and not ahead:
-            del self._ahead[conv]
+        if not ahead:
+            self._ahead.pop(conv, None)
 
     def _deliver(self, message: f.Message) -> None:
         self.last_seq[message.conv] = message.seq

@@ -176,6 +176,13 @@ class RoutingBackend(abc.ABC):
         """Give the agent a slot for ``conv`` unless at capacity (``force`` ignores it)."""
 
     @abc.abstractmethod
+    async def move(
+        self, conv: str, from_agent: str | None, to_agent: str, now: int, *, force: bool = False
+    ) -> bool:
+        """Hand ``conv``'s slot from one agent to another in one step (a transfer), unless
+        ``to_agent`` is unavailable or at capacity (``force`` ignores that, to undo)."""
+
+    @abc.abstractmethod
     async def release(self, agent_id: str, conv: str, now: int) -> None:
         """The agent no longer holds ``conv``."""
 

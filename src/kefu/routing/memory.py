@@ -63,7 +63,9 @@ class MemoryRouting(RoutingBackend):
         state = self._agents.get(agent_id)
         if state is None:
             return None
-        state.connections = max(0, state.connections - 1)
+        if state.connections == 0:
+            return _copy(state)  # an unmatched extra call must not restart the grace period
+        state.connections -= 1
         if state.connections == 0:
             state.disconnected_at = now
         return _copy(state)
@@ -178,14 +180,18 @@ class MemoryRouting(RoutingBackend):
         state = self._agents.get(agent_id)
         if state is None or entry.group not in state.groups:
             raise refuse(ErrorCode.NOT_MEMBER, f"you are not in group {entry.group!r}")
-        if state.connections == 0 or len(state.active) >= state.capacity:
-            raise refuse(ErrorCode.AGENT_UNAVAILABLE, "you are at capacity")
+        if not state.available():
+            raise refuse(
+                ErrorCode.AGENT_UNAVAILABLE, "you are at capacity or not online (set status)"
+            )
         return self._give(state, entry, now)
 
     async def reserve(self, agent_id: str, conv: str, now: int, *, force: bool = False) -> bool:
         state = self._agents.get(agent_id)
-        if state is None:
-            return force  # admins and unconfigured agents hold conversations off the books
+        if state is None:  # admins and unconfigured agents hold conversations off the books
+            if force:
+                self._remove(conv)
+            return force
         if conv in state.active:
             return True
         if not force and not state.available():
@@ -193,6 +199,26 @@ class MemoryRouting(RoutingBackend):
         self._remove(conv)
         state.active.add(conv)
         state.last_assigned = now
+        return True
+
+    async def move(
+        self, conv: str, from_agent: str | None, to_agent: str, now: int, *, force: bool = False
+    ) -> bool:
+        target = self._agents.get(to_agent)
+        if target is None:
+            if not force:
+                return False
+        elif conv not in target.active:
+            if not force and not target.available():
+                return False
+            target.active.add(conv)
+            target.unaccepted[conv] = now
+            target.last_assigned = now
+        source = self._agents.get(from_agent) if from_agent is not None else None
+        if source is not None and source is not target:
+            source.active.discard(conv)
+            source.unaccepted.pop(conv, None)
+        self._remove(conv)
         return True
 
     async def release(self, agent_id: str, conv: str, now: int) -> None:

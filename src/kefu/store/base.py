@@ -40,8 +40,8 @@ class ConversationFilter:
     #: Text that a message (visible to the searcher) of the conversation contains.
     text: str | None = None
     include_internal: bool = False
-    #: Conversations last updated before this (ms), for paging; None for the newest.
-    updated_before: int | None = None
+    #: Paging cursor: conversations ordered after this (updated_at ms, id); None: first page.
+    after: tuple[int, str] | None = None
     created_from: int | None = None
     created_to: int | None = None
 
@@ -168,7 +168,7 @@ class MessageStore(abc.ABC):
     async def search_conversations(
         self, where: ConversationFilter, *, limit: int
     ) -> list[Conversation]:
-        """Conversations matching ``where``, most recently updated first."""
+        """Conversations matching ``where``, most recently updated first (ties: by id)."""
 
     @abc.abstractmethod
     async def idle_conversations(self, before: int) -> list[tuple[str, int]]:

@@ -71,6 +71,13 @@ from kefu.store.sqlite_schema import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: What text search looks in: a message's words (text, card title and id), decoded from its
+#: JSON body and case-folded (Unicode, not only ASCII: see connect()).
+SEARCH_TEXT = (
+    "kefu_fold(COALESCE(json_extract(CAST(m.body AS TEXT), '$.text'), '') || ' ' || "
+    "COALESCE(json_extract(CAST(m.body AS TEXT), '$.title'), '') || ' ' || "
+    "COALESCE(json_extract(CAST(m.body AS TEXT), '$.id'), ''))"
+)
 #: Most conversations whose row is kept in memory.
 CACHE_SIZE = 100_000
 #: Queued writes past which new ones are refused with ``overloaded``.
@@ -737,9 +744,9 @@ class SQLiteStore(MessageStore):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
-        if where.updated_before is not None:
-            clauses.append("updated_at < ?")
-            params.append(where.updated_before)
+        if where.after is not None:
+            clauses.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+            params += [where.after[0], where.after[0], where.after[1]]
         if where.created_from is not None:
             clauses.append("created_at >= ?")
             params.append(where.created_from)
@@ -750,13 +757,13 @@ class SQLiteStore(MessageStore):
             visible = "" if where.include_internal else " AND m.visibility = 'all'"
             clauses.append(
                 "EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id "
-                f"AND m.type <> 'system'{visible} AND instr(lower(CAST(m.body AS TEXT)), ?) > 0)"
+                f"AND m.type <> 'system'{visible} AND instr({SEARCH_TEXT}, ?) > 0)"
             )
-            params.append(where.text.lower())
+            params.append(where.text.casefold())
         sql = f"SELECT {CONV_COLUMNS} FROM conversations"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY updated_at DESC LIMIT ?"
+        sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
         params.append(limit)
 
         def run(conn: sqlite3.Connection) -> list[Conversation]:

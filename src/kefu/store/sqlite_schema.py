@@ -137,7 +137,13 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
     conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     if readonly:
         conn.execute("PRAGMA query_only=ON")
+    # SQLite's lower() folds ASCII only; search needs Unicode case folding.
+    conn.create_function("kefu_fold", 1, _fold, deterministic=True)
     return conn
+
+
+def _fold(text: object) -> str | None:
+    return text.casefold() if isinstance(text, str) else None
 
 
 def apply_schema(conn: sqlite3.Connection) -> None:
