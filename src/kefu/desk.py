@@ -223,11 +223,18 @@ class Desk:
             self.recipients(conv, internal=message.internal), encode(message_frame(message)), **kw
         )
 
-    def push_conversation(self, conv: Conversation, also: Iterable[str | None] = ()) -> None:
+    def push_conversation(
+        self, conv: Conversation, last_seq: int, also: Iterable[str | None] = ()
+    ) -> None:
         users = self.recipients(conv, internal=False)
         users += [u for u in also if u is not None and u not in users]
         self.metrics.push_kind("conversation").inc()
-        self.broker.deliver(users, encode(f.Conversation(conversation=conversation_info(conv))))
+        info = conversation_info(conv, last_seq)
+        self.broker.deliver(users, encode(f.Conversation(conversation=info)))
+
+    async def push_current(self, conv: Conversation) -> None:
+        """Push the conversation as it is now, with its last seq."""
+        self.push_conversation(conv, await self.store.last_seq(conv.id))
 
     async def push_agent(self, agent_id: str) -> AgentState | None:
         state = await self.routing.agent(agent_id)
@@ -277,7 +284,7 @@ class Desk:
         self.push_message(updated, message)
         if old is not None:
             self.broker.deliver([old], encode(message_frame(message)))
-        self.push_conversation(updated, also=[old, *also_notify])
+        self.push_conversation(updated, message.seq, also=[old, *also_notify])
         self.emit(f"conversation.{event.value}", updated, event=message_json(message))
         return updated
 
@@ -585,7 +592,7 @@ class Desk:
                     prefer=successor.previous_agent_id,
                     data={"previous": conv.id},
                 )
-                self.push_conversation(successor)
+                await self.push_current(successor)
             if successor.state is not ConversationState.CLOSED:
                 return successor
             conv = successor  # that one was closed too: follow the chain
@@ -610,7 +617,7 @@ class Desk:
         updated = await self.store.stamp_response(conv.id, agent_id)
         await self.routing.accepted(agent_id, conv.id)
         if updated is not None and conv.accepted_at is None:
-            self.push_conversation(updated)
+            await self.push_current(updated)
 
     # -- agent actions ----------------------------------------------------------------------------
 
@@ -826,7 +833,7 @@ class Desk:
         if principal.role is not Role.CUSTOMER:
             raise Forbidden("only the customer rates a conversation")
         updated = await self.store.rate(conv_id, principal.user_id, score, comment)
-        self.push_conversation(updated)
+        await self.push_current(updated)
         self.emit("conversation.rated", updated, score=score, comment=comment)
         return updated
 
@@ -837,7 +844,7 @@ class Desk:
         if principal.role is Role.AGENT and conv.agent_id != principal.user_id:
             raise Forbidden(f"conversation {conv.id!r} is not assigned to you")
         updated = await self.store.set_labels(conv.id, labels)
-        self.push_conversation(updated)
+        await self.push_current(updated)
         self.emit("conversation.labels", updated)
         return updated
 
@@ -949,6 +956,8 @@ class Desk:
         group = self.groups.get(group_id)
         if group is None or group.mode is RoutingMode.POOL:
             return 0
+        if not schedule.is_open(group.schedule, dt.datetime.now(dt.UTC)):
+            return 0  # left messages wait for opening time (the timers retry every tick)
         count = 0
         while True:
             a = await self.routing.assign_next(group_id, ids.now_ms())
@@ -1077,9 +1086,13 @@ class Desk:
             if conv.agent_id != agent_id or conv.accepted_at is not None:
                 await self.routing.accepted(agent_id, conv_id)
                 return
-            await self.requeue(
-                conv, reason="accept_timeout", head=True, if_agent=agent_id, exclude=[agent_id]
-            )
+            # The agent is evidently not answering: they are set away (no new conversations
+            # until they say online again) and this one goes back to the queue head, for
+            # whoever is free first.
+            state = await self.routing.set_status(agent_id, AgentStatus.AWAY, ids.now_ms())
+            self._agent_changed(state)
+            await self.requeue(conv, reason="accept_timeout", head=True, if_agent=agent_id)
+            await self.push_agent(agent_id)
         except InvalidTransition:
             await self.routing.release(agent_id, conv_id, ids.now_ms())
 

@@ -520,6 +520,9 @@ class SQLiteStore(MessageStore):
         return conv
 
     def _remember(self, conv: Conversation) -> None:
+        cached = self._conversations.get(conv.id)
+        if cached is not None and cached.updated_at > conv.updated_at:
+            return  # a read that raced a write: keep the newer row
         self._conversations[conv.id] = conv
         self._conversations.move_to_end(conv.id)
         if len(self._conversations) > CACHE_SIZE:
@@ -688,7 +691,9 @@ class SQLiteStore(MessageStore):
         now = ids.now_ms()
         return await self._update_returning(
             "UPDATE conversations SET first_response_at = COALESCE(first_response_at, ?), "
-            "accepted_at = COALESCE(accepted_at, ?) WHERE id = ? AND agent_id = ?",
+            "accepted_at = COALESCE(accepted_at, ?), updated_at = MAX(updated_at, ?) "
+            "WHERE id = ? AND agent_id = ?",
+            now,
             now,
             now,
             conv_id,
@@ -707,13 +712,16 @@ class SQLiteStore(MessageStore):
         return conv
 
     async def rate(self, conv_id: str, customer_id: str, score: int, comment: str) -> Conversation:
+        now = ids.now_ms()
         conv = await self._update_returning(
-            "UPDATE conversations SET csat_score = ?, csat_comment = ?, csat_at = ? "
+            "UPDATE conversations SET csat_score = ?, csat_comment = ?, csat_at = ?, "
+            "updated_at = MAX(updated_at, ?) "
             "WHERE id = ? AND customer_id = ? AND resolved_at IS NOT NULL "
             "AND state IN ('resolved', 'closed') AND csat_score IS NULL",
             score,
             comment,
-            ids.now_ms(),
+            now,
+            now,
             conv_id,
             customer_id,
         )
