@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -69,6 +69,13 @@ from kefu.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+#: Most assignments recorded concurrently by one dispatch step.
+DISPATCH_BATCH = 64
+#: Queue-position pushes between two yields to the event loop (a long queue must not
+#: stall everyone else while its positions go out).
+POSITIONS_PER_SLICE = 256
+#: Estimated waits are pushed rounded to this many seconds (finer is noise).
+ESTIMATE_STEP = 5.0
 #: Weight of the newest interval in a group's moving average of assignment intervals.
 EWMA_WEIGHT = 0.2
 
@@ -125,12 +132,14 @@ class Desk:
         self._wake = asyncio.Event()
         self._positions_dirty: set[str] = set()
         self._positions_wake = asyncio.Event()
-        self._positions: dict[str, tuple[str, int, bool]] = {}  # conv -> last pushed
+        #: conv -> (group, position, backlog, estimate) last pushed
+        self._positions: dict[str, tuple[str, int, bool, float | None]] = {}
         self._pace: dict[str, _GroupPace] = {}
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._opening: dict[tuple[str, str], _Gate] = {}  # customer, group -> open in progress
+        self._conv_gates: dict[str, _Gate] = {}  # conversation -> desk operation in progress
         #: Connections of agent users on this node, set up as agents or not (yet).
         self._connected_here: dict[str, int] = {}
 
@@ -167,6 +176,8 @@ class Desk:
                 self._positions_dirty.add(self._group_of(conv))
             elif conv.agent_id is not None:
                 await self.routing.reserve(conv.agent_id, conv.id, now, force=True)
+                if conv.accepted_at is not None:
+                    await self.routing.accepted(conv.agent_id, conv.id)
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._background]:
@@ -182,6 +193,29 @@ class Desk:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
+
+    @contextlib.asynccontextmanager
+    async def serialized(self, conv_id: str) -> AsyncIterator[None]:
+        """One desk operation at a time per conversation on this node: each reads the
+        conversation, decides, and writes; two at once would decide on the same stale
+        read. (Across nodes the store's compare-and-set is the arbiter.)"""
+        gate = self._conv_gates.setdefault(conv_id, _Gate())
+        gate.users += 1
+        try:
+            async with gate.lock:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._conv_gates[conv_id]
+
+    async def _fresh(self, conv: Conversation) -> Conversation:
+        """The newest known state of ``conv`` (taken inside :meth:`serialized`)."""
+        cached = self.store.cached_conversation(conv.id)
+        if cached is not None and cached.updated_at >= conv.updated_at:
+            return cached
+        found = await self.store.get_conversation(conv.id)
+        return conv if found is None else found
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -262,11 +296,38 @@ class Desk:
         also_notify: Iterable[str | None] = (),
     ) -> Conversation:
         """Apply ``event`` (compare-and-set in the store), push and emit it."""
+        updated, _ = await self._record_full(
+            conv,
+            event,
+            actor=actor,
+            data=data,
+            if_agent=if_agent,
+            sets=sets,
+            stamps=stamps,
+            first_stamps=first_stamps,
+            also_notify=also_notify,
+        )
+        return updated
+
+    async def _record_full(
+        self,
+        conv: Conversation,
+        event: Event,
+        *,
+        actor: Principal | None = None,
+        data: Mapping[str, Any] | None = None,
+        if_agent: str | None = None,
+        sets: Mapping[str, str | int | None] | None = None,
+        stamps: Iterable[str] = (),
+        first_stamps: Iterable[str] = (),
+        also_notify: Iterable[str | None] = (),
+    ) -> tuple[Conversation, str | None]:
+        """:meth:`_record`, also returning the agent the store says held it just before."""
         next_state(conv.state, event)  # refuse early what the table refuses
         body = msgspec.json.encode(
             {"event": event.value, "data": {**(data or {}), "state": target(event).value}}
         )
-        updated, message = await self.store.transition(
+        updated, message, previous = await self.store.transition(
             conv.id,
             from_states=sources(event),
             to_state=target(event),
@@ -280,13 +341,13 @@ class Desk:
         )
         self.metrics.transitions.labels(event=event.value).inc()
         self.metrics.push_kind("message").inc()
-        old = conv.agent_id if conv.agent_id != updated.agent_id else None
+        old = previous if previous != updated.agent_id else None
         self.push_message(updated, message)
         if old is not None:
             self.broker.deliver([old], encode(message_frame(message)))
         self.push_conversation(updated, message.seq, also=[old, *also_notify])
         self.emit(f"conversation.{event.value}", updated, event=message_json(message))
-        return updated
+        return updated, previous
 
     async def _system_message(
         self, conv: Conversation, event: str, data: Mapping[str, Any]
@@ -397,9 +458,9 @@ class Desk:
         for conv_id in sorted(state.active if state else ()):
             with contextlib.suppress(KefuError):
                 conv = await self.conversation(conv_id)
-                if conv.state in ACTIVE_STATES and conv.agent_id == agent_id:
-                    await self.requeue(conv, reason=reason, head=True)
-                else:
+                try:
+                    await self.requeue(conv, reason=reason, head=True, if_agent=agent_id)
+                except InvalidTransition:  # not theirs any more, or not active: let it go
                     await self.routing.release(agent_id, conv_id, ids.now_ms())
 
     # -- opening --------------------------------------------------------------------------------
@@ -520,6 +581,7 @@ class Desk:
         if agent_id is not None:
             await self.routing.reserve(agent_id, conv.id, ids.now_ms(), force=True)
             await self.routing.accepted(agent_id, conv.id)
+            await self.push_agent(agent_id)
         self.emit("conversation.created", conv)
         return conv
 
@@ -529,16 +591,15 @@ class Desk:
         self, principal: Principal, conv: Conversation
     ) -> Conversation:
         """Where a customer message goes: reopen, answer a wait, or continue a closed one."""
-        if conv.state is ConversationState.WAITING:
-            with contextlib.suppress(InvalidTransition):  # someone else moved it: fine
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            if conv.state is ConversationState.WAITING:
                 return await self._record(conv, Event.CUSTOMER_REPLY, actor=principal)
-            return await self.conversation_fresh(conv.id)
-        if conv.state is ConversationState.RESOLVED:
-            window = self.settings.reopen_window * 1000
-            # strictly within: a window of 0 never reopens (even in the ms of the resolve)
-            if conv.resolved_at is not None and ids.now_ms() - conv.resolved_at < window:
-                return await self.reopen(conv, principal)
-            with contextlib.suppress(InvalidTransition):
+            if conv.state is ConversationState.RESOLVED:
+                window = self.settings.reopen_window * 1000
+                # strictly within: a window of 0 never reopens (even in the resolve's ms)
+                if conv.resolved_at is not None and ids.now_ms() - conv.resolved_at < window:
+                    return await self._reopen(conv, principal)
                 conv = await self._record(
                     conv,
                     Event.CLOSE,
@@ -556,12 +617,13 @@ class Desk:
             raise NotFound(f"conversation {conv_id!r} does not exist")
         return conv
 
-    async def reopen(self, conv: Conversation, actor: Principal) -> Conversation:
+    async def _reopen(self, conv: Conversation, actor: Principal) -> Conversation:
         agent = conv.agent_id
         now = ids.now_ms()
-        if agent is not None and await self.routing.reserve(agent, conv.id, now):
+        held = agent is not None and await self.routing.holds(agent, conv.id)
+        if agent is not None and (held or await self.routing.reserve(agent, conv.id, now)):
             try:
-                return await self._record(
+                updated = await self._record(
                     conv,
                     Event.REOPEN_TO_AGENT,
                     actor=actor,
@@ -570,8 +632,11 @@ class Desk:
                     stamps=["assigned_at"],
                 )
             except KefuError:
-                await self.routing.release(agent, conv.id, now)
+                if not held:  # give back only the slot this call took
+                    await self.routing.release(agent, conv.id, now)
                 raise
+            await self.push_agent(agent)
+            return updated
         updated = await self._record(
             conv, Event.REOPEN, actor=actor, sets={"agent_id": None, "accepted_at": None}
         )
@@ -580,22 +645,42 @@ class Desk:
         return updated
 
     async def continue_closed(self, conv: Conversation) -> Conversation:
-        """The open conversation that continues a closed one (created on first need)."""
-        while True:
-            successor, created = await self.store.successor(conv.id)
-            if created:
-                self.emit("conversation.created", successor, previous=conv.id)
-                group = self.groups.get(self._group_of(successor)) or self.group(None)
-                await self._route_new(
-                    successor,
-                    group,
-                    prefer=successor.previous_agent_id,
-                    data={"previous": conv.id},
+        """The open conversation that continues a closed one: the customer's open one in
+        the same group if there is one, else its successor (created on first need)."""
+        group = self.groups.get(self._group_of(conv)) or self.group(None)
+        key = (conv.customer_id, group.id)
+        gate = self._opening.setdefault(key, _Gate())
+        gate.users += 1
+        try:
+            async with gate.lock:  # the same gate as open: one open conversation per group
+                existing = await self.store.search_conversations(
+                    ConversationFilter(
+                        customer_id=conv.customer_id,
+                        group_id=group.id,
+                        states=tuple(OPEN_STATES),
+                    ),
+                    limit=1,
                 )
-                await self.push_current(successor)
-            if successor.state is not ConversationState.CLOSED:
-                return successor
-            conv = successor  # that one was closed too: follow the chain
+                if existing:
+                    return existing[0]
+                while True:
+                    successor, created = await self.store.successor(conv.id)
+                    if created:
+                        self.emit("conversation.created", successor, previous=conv.id)
+                        await self._route_new(
+                            successor,
+                            group,
+                            prefer=successor.previous_agent_id,
+                            data={"previous": conv.id},
+                        )
+                        await self.push_current(successor)
+                    if successor.state is not ConversationState.CLOSED:
+                        return successor
+                    conv = successor  # that one was closed too: follow the chain
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._opening[key]
 
     def message_stored(
         self, principal: Principal, conv: Conversation, stored: StoredMessage
@@ -622,26 +707,29 @@ class Desk:
     # -- agent actions ----------------------------------------------------------------------------
 
     async def accept(self, principal: Principal, conv: Conversation) -> Conversation:
-        guard = self._require_holder(principal, conv)
-        if conv.accepted_at is not None:
-            raise InvalidTransition("you have accepted this conversation already")
-        updated = await self._record(
-            conv, Event.ACCEPT, actor=principal, if_agent=guard, stamps=["accepted_at"]
-        )
-        if conv.agent_id is not None:
-            await self.routing.accepted(conv.agent_id, conv.id)
-        return updated
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            guard = self._require_holder(principal, conv)
+            if conv.accepted_at is not None:
+                raise InvalidTransition("you have accepted this conversation already")
+            updated = await self._record(
+                conv, Event.ACCEPT, actor=principal, if_agent=guard, stamps=["accepted_at"]
+            )
+            if updated.agent_id is not None:
+                await self.routing.accepted(updated.agent_id, conv.id)
+            return updated
 
     async def pick(self, principal: Principal, conv_id: str) -> Conversation:
         if principal.role is not Role.AGENT:
             raise Forbidden("only agents pick conversations")
-        conv = await self.conversation(conv_id)
-        next_state(conv.state, Event.PICK)
-        try:
-            assignment = await self.routing.pick(principal.user_id, conv_id, ids.now_ms())
-        except RoutingError as exc:
-            raise KefuError(exc.message, code=exc.code) from None
-        return await self._apply(assignment, conv, Event.PICK, actor=principal)
+        async with self.serialized(conv_id):
+            conv = await self.conversation(conv_id)
+            next_state(conv.state, Event.PICK)
+            try:
+                assignment = await self.routing.pick(principal.user_id, conv_id, ids.now_ms())
+            except RoutingError as exc:
+                raise KefuError(exc.message, code=exc.code) from None
+            return await self._apply_locked(assignment, conv, Event.PICK, actor=principal)
 
     async def transfer(
         self,
@@ -652,37 +740,41 @@ class Desk:
         group_id: str | None,
         note: str,
     ) -> Conversation:
-        guard = self._require_holder(principal, conv)
         if (agent_id is None) == (group_id is None):
             raise InvalidArgument("transfer to exactly one of agent and group")
-        if agent_id is not None:
-            updated = await self._transfer_to_agent(principal, conv, agent_id, guard)
-        else:
-            assert group_id is not None
-            group = self.group(group_id)
-            updated = await self.requeue(
-                conv,
-                reason="transfer",
-                group=group.id,
-                actor=principal,
-                if_agent=guard,
-                head=True,
-            )
-        if note:
-            stored = await self.store.append(
-                NewMessage(
-                    conv=conv.id,
-                    sender=principal.user_id,
-                    sender_role=principal.role,
-                    client_msg_id=None,
-                    type="note",
-                    body=msgspec.json.encode({"text": note}),
-                    visibility=Visibility.INTERNAL,
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            guard = self._require_holder(principal, conv)
+            if agent_id is not None:
+                updated = await self._transfer_to_agent(principal, conv, agent_id, guard)
+            else:
+                assert group_id is not None
+                group = self.group(group_id)
+                updated = await self._requeue(
+                    conv,
+                    reason="transfer",
+                    group=group.id,
+                    actor=principal,
+                    if_agent=guard,
+                    head=True,
+                    # someone else, if anyone is free: they are passing it on
+                    exclude=[conv.agent_id] if conv.agent_id else [],
                 )
-            )
-            self.push_message(updated, stored)
-            self.emit("message.created", updated, message=message_json(stored))
-        return updated
+            if note:
+                stored = await self.store.append(
+                    NewMessage(
+                        conv=conv.id,
+                        sender=principal.user_id,
+                        sender_role=principal.role,
+                        client_msg_id=None,
+                        type="note",
+                        body=msgspec.json.encode({"text": note}),
+                        visibility=Visibility.INTERNAL,
+                    )
+                )
+                self.push_message(updated, stored)
+                self.emit("message.created", updated, message=message_json(stored))
+            return updated
 
     async def _transfer_to_agent(
         self, principal: Principal, conv: Conversation, agent_id: str, guard: str | None
@@ -693,13 +785,16 @@ class Desk:
             raise InvalidTransition("the conversation is assigned to that agent already")
         next_state(conv.state, Event.TRANSFER)
         now = ids.now_ms()
+        queued = await self.routing.dequeue(conv.id)
         if not await self.routing.move(conv.id, conv.agent_id, agent_id, now):
+            if queued is not None:
+                await self.routing.enqueue(queued, head=True)
             raise KefuError(
                 f"agent {agent_id!r} is not online or at capacity",
                 code=ErrorCode.AGENT_UNAVAILABLE,
             )
         try:
-            updated = await self._record(
+            updated, previous = await self._record_full(
                 conv,
                 Event.TRANSFER,
                 actor=principal,
@@ -709,14 +804,16 @@ class Desk:
                 stamps=["assigned_at"],
                 first_stamps=["first_assigned_at"],
             )
-        except KefuError:  # the store said no: the slot goes back
-            if conv.agent_id is not None:
-                await self.routing.move(conv.id, agent_id, conv.agent_id, now, force=True)
-            else:
-                await self.routing.release(agent_id, conv.id, now)
+        except KefuError:  # the store said no: put the routing state back as it was
+            await self.routing.release(agent_id, conv.id, now)
+            if conv.agent_id is not None and conv.state in ACTIVE_STATES:
+                await self.routing.reserve(conv.agent_id, conv.id, now, force=True)
+                await self.routing.accepted(conv.agent_id, conv.id)
+            if queued is not None:
+                await self.routing.enqueue(queued, head=True)
             raise
-        if conv.agent_id is not None:
-            await self.push_agent(conv.agent_id)
+        if previous is not None:
+            await self.push_agent(previous)
         await self.push_agent(agent_id)
         self.metrics.assignments.labels(how="transfer").inc()
         self._queue_changed(self._group_of(conv))
@@ -728,93 +825,118 @@ class Desk:
         *,
         reason: str,
         head: bool,
+        if_agent: str | None = None,
+    ) -> Conversation:
+        """Back to its queue's head (an agent went offline or missed the accept)."""
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            return await self._requeue(conv, reason=reason, head=head, if_agent=if_agent)
+
+    async def _requeue(
+        self,
+        conv: Conversation,
+        *,
+        reason: str,
+        head: bool,
         group: str | None = None,
         actor: Principal | None = None,
         if_agent: str | None = None,
         exclude: Iterable[str] = (),
     ) -> Conversation:
-        """Back to a queue (its own or ``group``), at the head: the customer waited already."""
+        """Back to a queue (its own or ``group``), at the head: the customer waited already.
+
+        Its wait starts again now (``max_wait`` counts from here); reports keep the first
+        wait, from the conversation's creation to its first assignment.
+        """
         sets: dict[str, str | int | None] = {"agent_id": None, "accepted_at": None}
         if group is not None:
             sets["group_id"] = group
         data: dict[str, Any] = {"reason": reason, "from": conv.agent_id}
         if group is not None:
             data["group"] = group
-        updated = await self._record(
+        updated, previous = await self._record_full(
             conv, Event.REQUEUE, actor=actor, data=data, if_agent=if_agent, sets=sets
         )
         now = ids.now_ms()
-        if conv.agent_id is not None:
-            await self.routing.release(conv.agent_id, conv.id, now)
-            self._spawn(self.push_agent(conv.agent_id))
+        if previous is not None:
+            await self.routing.release(previous, conv.id, now)
+            self._spawn(self.push_agent(previous))
         await self.routing.enqueue(
-            self._entry(updated, since=conv.created_at, excluded=frozenset(exclude)), head=head
+            self._entry(updated, since=now, excluded=frozenset(exclude)), head=head
         )
         self._queue_changed(self._group_of(updated))
         return updated
 
     async def wait(self, principal: Principal, conv: Conversation) -> Conversation:
-        guard = self._require_holder(principal, conv)
-        return await self._record(conv, Event.WAIT, actor=principal, if_agent=guard)
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            guard = self._require_holder(principal, conv)
+            return await self._record(conv, Event.WAIT, actor=principal, if_agent=guard)
 
     async def resolve(self, principal: Principal, conv: Conversation) -> Conversation:
-        guard = self._require_holder(principal, conv)
-        updated = await self._record(
-            conv, Event.RESOLVE, actor=principal, if_agent=guard, stamps=["resolved_at"]
-        )
-        await self._let_go(conv)
-        return updated
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            guard = self._require_holder(principal, conv)
+            updated, previous = await self._record_full(
+                conv, Event.RESOLVE, actor=principal, if_agent=guard, stamps=["resolved_at"]
+            )
+            await self._let_go(conv, previous)
+            return updated
 
     async def close_conversation(
         self, principal: Principal | None, conv: Conversation, *, reason: str
     ) -> Conversation:
-        guard = None
-        if principal is not None and principal.role is Role.AGENT:
-            guard = self._require_holder(principal, conv)
-        updated = await self._record(
-            conv,
-            Event.CLOSE,
-            actor=principal,
-            data={"reason": reason},
-            if_agent=guard,
-            sets={"close_reason": reason},
-            stamps=["closed_at"],
-        )
-        await self._let_go(conv)
-        return updated
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            guard = None
+            if principal is not None and principal.role is Role.AGENT:
+                guard = self._require_holder(principal, conv)
+            updated, previous = await self._record_full(
+                conv,
+                Event.CLOSE,
+                actor=principal,
+                data={"reason": reason},
+                if_agent=guard,
+                sets={"close_reason": reason},
+                stamps=["closed_at"],
+            )
+            await self._let_go(conv, previous)
+            return updated
 
-    async def _let_go(self, conv: Conversation) -> None:
+    async def _let_go(self, conv: Conversation, holder: str | None) -> None:
         """The conversation no longer takes an agent's capacity nor a queue place."""
         self._warned.discard(conv.id)
         if await self.routing.dequeue(conv.id) is not None:
             self._queue_changed(self._group_of(conv))
-        if conv.agent_id is not None:
-            await self.routing.release(conv.agent_id, conv.id, ids.now_ms())
-            await self.push_agent(conv.agent_id)
+        if holder is not None:
+            await self.routing.release(holder, conv.id, ids.now_ms())
+            await self.push_agent(holder)
             self._dirty.add(self._group_of(conv))
             self._wake.set()
 
     async def takeover(self, principal: Principal, conv: Conversation) -> Conversation:
         if principal.role is not Role.ADMIN:
             raise Forbidden("only supervisors take over conversations")
-        if conv.agent_id == principal.user_id:
-            raise InvalidTransition("you hold this conversation already")
-        updated = await self._record(
-            conv,
-            Event.TAKEOVER,
-            actor=principal,
-            data={"from": conv.agent_id, "to": principal.user_id},
-            sets={"agent_id": principal.user_id},
-            stamps=["assigned_at", "accepted_at"],
-            first_stamps=["first_assigned_at"],
-        )
-        if await self.routing.dequeue(conv.id) is not None:
-            self._queue_changed(self._group_of(conv))
-        if conv.agent_id is not None:
-            await self.routing.release(conv.agent_id, conv.id, ids.now_ms())
-            await self.push_agent(conv.agent_id)
-        self.metrics.assignments.labels(how="takeover").inc()
-        return updated
+        async with self.serialized(conv.id):
+            conv = await self._fresh(conv)
+            if conv.agent_id == principal.user_id:
+                raise InvalidTransition("you hold this conversation already")
+            updated, previous = await self._record_full(
+                conv,
+                Event.TAKEOVER,
+                actor=principal,
+                data={"from": conv.agent_id, "to": principal.user_id},
+                sets={"agent_id": principal.user_id},
+                stamps=["assigned_at", "accepted_at"],
+                first_stamps=["first_assigned_at"],
+            )
+            if await self.routing.dequeue(conv.id) is not None:
+                self._queue_changed(self._group_of(conv))
+            if previous is not None:
+                await self.routing.release(previous, conv.id, ids.now_ms())
+                await self.push_agent(previous)
+            self.metrics.assignments.labels(how="takeover").inc()
+            return updated
 
     async def watch(self, principal: Principal, conv: Conversation, on: bool) -> None:
         if principal.role is not Role.ADMIN:
@@ -916,10 +1038,20 @@ class Desk:
         actor: Principal | None = None,
     ) -> Conversation:
         """Record an assignment the routing backend made; undo it if the store refuses."""
+        async with self.serialized(a.conv):
+            return await self._apply_locked(a, conv, event, actor=actor)
+
+    async def _apply_locked(
+        self,
+        a: Assignment,
+        conv: Conversation | None,
+        event: Event,
+        *,
+        actor: Principal | None = None,
+    ) -> Conversation:
         now = ids.now_ms()
         try:
-            if conv is None:
-                conv = await self.conversation(a.conv)
+            conv = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
             updated = await self._record(
                 conv,
                 event,
@@ -936,7 +1068,7 @@ class Desk:
         except BaseException:
             self.metrics.assignment_failures.labels(reason="store").inc()
             await self.routing.release(a.agent, a.conv, now)
-            if conv is not None:
+            if conv is not None and conv.state is ConversationState.QUEUED:
                 await self.routing.enqueue(self._entry(conv, since=now - a.waited), head=True)
             raise
         self.metrics.assignments.labels(how="pick" if event is Event.PICK else "auto").inc()
@@ -960,12 +1092,27 @@ class Desk:
             return 0  # left messages wait for opening time (the timers retry every tick)
         count = 0
         while True:
-            a = await self.routing.assign_next(group_id, ids.now_ms())
-            if a is None:
+            # Take what can be assigned now, then record it all at once: the transitions
+            # share group commits instead of waiting for one commit each.
+            batch: list[Assignment] = []
+            while len(batch) < DISPATCH_BATCH:
+                a = await self.routing.assign_next(group_id, ids.now_ms())
+                if a is None:
+                    break
+                batch.append(a)
+            if not batch:
                 return count
-            with contextlib.suppress(InvalidTransition):
-                await self._apply(a, None, Event.ASSIGN)
-                count += 1
+            results = await asyncio.gather(
+                *(self._apply(a, None, Event.ASSIGN) for a in batch), return_exceptions=True
+            )
+            failed: BaseException | None = None
+            for result in results:
+                if not isinstance(result, BaseException):
+                    count += 1
+                elif not isinstance(result, InvalidTransition) and failed is None:
+                    failed = result  # each was undone by _apply; retried with backoff
+            if failed is not None:
+                raise failed
 
     async def _dispatch_loop(self) -> None:
         backoff = 0.05
@@ -1015,12 +1162,16 @@ class Desk:
             if not entry.backlog:
                 live += 1
             position = 0 if entry.backlog else live
-            if self._positions.get(entry.conv) == (group, position, entry.backlog):
-                continue
-            self._positions[entry.conv] = (group, position, entry.backlog)
             estimate = None
             if pace is not None and pace.interval_ms is not None and online and not entry.backlog:
-                estimate = round(position * pace.interval_ms / 1000, 1)
+                seconds = position * pace.interval_ms / 1000
+                estimate = max(ESTIMATE_STEP, round(seconds / ESTIMATE_STEP) * ESTIMATE_STEP)
+            key = (group, position, entry.backlog, estimate)
+            if self._positions.get(entry.conv) == key:
+                continue
+            self._positions[entry.conv] = key
+            if pushed and pushed % POSITIONS_PER_SLICE == 0:
+                await asyncio.sleep(0)
             self.broker.deliver(
                 [entry.customer],
                 encode(
@@ -1037,7 +1188,7 @@ class Desk:
             pushed += 1
         queued = {e.conv for e in entries}
         self.metrics.queue_length.labels(group=group).set(live)
-        gone = [c for c, (g, _, _) in self._positions.items() if g == group and c not in queued]
+        gone = [c for c, key in self._positions.items() if key[0] == group and c not in queued]
         for conv in gone:
             del self._positions[conv]
         self.metrics.queue_position_pushes.inc(pushed)

@@ -252,6 +252,9 @@ class ChatService:
             found = self.store.cached_conversation(request.conv)
             if found is None:
                 found = await self.store.get_conversation(request.conv)
+            if principal.role is Role.CUSTOMER and request.type in f.INTERNAL_MESSAGE_TYPES:
+                self.metrics.message_result(request.type, "rejected").inc()
+                raise Forbidden("private notes are for agents and admins")  # before any step
             if (
                 found is not None
                 and found.state not in _FAST_STATES
@@ -561,6 +564,8 @@ class ChatService:
         principal = session.principal
         assert principal is not None
         conv = await self._conversation(principal, request.conv)
+        if principal.user_id not in (conv.customer_id, conv.agent_id):
+            return  # watching or previewing is silent: only the two sides type
         others = [u for u in self.desk.recipients(conv, internal=False) if u != principal.user_id]
         self.metrics.push_kind("typing").inc()
         self.broker.deliver(

@@ -191,20 +191,18 @@ async def test_preferred_agent_not_available_falls_back(routing: MemoryRouting, 
     assert got is not None and got.agent == "a"
 
 
-async def test_excluded_entry_is_skipped_not_dropped(routing: MemoryRouting) -> None:
-    await add_agent(routing, "a", capacity=5)
+async def test_excluded_agent_only_when_nobody_else_is_free(routing: MemoryRouting) -> None:
+    await add_agent(routing, "a", capacity=5, now=0)
+    await add_agent(routing, "b", capacity=1, now=1)
+    await routing.reserve("b", "held", 2)  # b is full: only the excluded a is free
     await routing.enqueue(entry("c1", since=1, excluded=frozenset({"a"})))
-    assert await routing.assign_next("g", 10) is None
-    assert await convs(routing) == ["c1"]
+    got = await routing.assign_next("g", 10)
+    assert got is not None and (got.conv, got.agent) == ("c1", "a")  # rather than never
 
-    await routing.enqueue(entry("c2", since=2))
-    got = await routing.assign_next("g", 11)
-    assert got is not None and (got.conv, got.agent) == ("c2", "a")
-    assert await convs(routing) == ["c1"]
-
-    await add_agent(routing, "b", now=12)
+    await routing.release("b", "held", 11)  # now someone else is free: they get it
+    await routing.enqueue(entry("c2", since=12, excluded=frozenset({"a"})))
     got = await routing.assign_next("g", 13)
-    assert got is not None and (got.conv, got.agent) == ("c1", "b")
+    assert got is not None and (got.conv, got.agent) == ("c2", "b")
     assert await convs(routing) == []
 
 
@@ -240,6 +238,7 @@ async def test_unavailable_agents_get_nothing(routing: MemoryRouting, why: str) 
         await routing.disconnected("a", 1)
     elif why == "full":
         assert await routing.reserve("a", "held", 1)
+        await routing.accepted("a", "held")
     elif why == "removed":
         await routing.remove_agent("a")
     await routing.enqueue(entry("c1", prefer="a"))
@@ -362,7 +361,8 @@ async def test_reserve_takes_a_slot_and_the_queue_entry(routing: MemoryRouting) 
     assert await convs(routing) == []
     state = await routing.agent("a")
     assert state is not None
-    assert state.active == {"c1"} and state.unaccepted == {} and state.last_assigned == 70
+    assert state.active == {"c1"} and state.unaccepted == {"c1": 70}
+    assert state.last_assigned == 70
     # holding it already: still True, even at capacity
     assert await routing.reserve("a", "c1", 80)
     assert await load(routing, "a") == 1
@@ -532,20 +532,28 @@ async def test_unaccepted_since_and_accepted(routing: MemoryRouting) -> None:
     await routing.assign_next("g", 100)  # c1 -> a
     await routing.assign_next("g", 200)  # c2 -> b
     await routing.pick("a", "c3", 300)
-    await routing.reserve("b", "c4", 350)  # reserved, not assigned: no accept timer
+    await routing.reserve("b", "c4", 350)  # a reserved slot waits for its accept too
+    await routing.reserve("b", "c5", 360, force=True)
+    await routing.accepted("b", "c5")  # e.g. an agent's own outreach: accepted at once
 
     assert await routing.unaccepted_since(100) == []  # strictly before
     assert await routing.unaccepted_since(101) == [("a", "c1")]
-    assert sorted(await routing.unaccepted_since(10**9)) == [("a", "c1"), ("a", "c3"), ("b", "c2")]
+    assert sorted(await routing.unaccepted_since(10**9)) == [
+        ("a", "c1"),
+        ("a", "c3"),
+        ("b", "c2"),
+        ("b", "c4"),
+    ]
 
     await routing.accepted("a", "c1")
     await routing.accepted("b", "c1")  # not b's: no effect
     await routing.accepted("nobody", "c2")
-    assert sorted(await routing.unaccepted_since(10**9)) == [("a", "c3"), ("b", "c2")]
+    assert sorted(await routing.unaccepted_since(10**9)) == [("a", "c3"), ("b", "c2"), ("b", "c4")]
     state = await routing.agent("a")
     assert state is not None and state.active == {"c1", "c3"}  # accepting keeps the slot
 
     await routing.release("b", "c2", 400)
+    await routing.release("b", "c4", 400)
     assert await routing.unaccepted_since(10**9) == [("a", "c3")]
 
 
@@ -582,13 +590,15 @@ async def test_move_to_backlog(routing: MemoryRouting) -> None:
     assert [a.conv if a else None for a in order] == ["c3", "c4", "old_msg", "c1", "c2", None]
 
 
-async def test_backlog_entry_assigned_when_live_ones_are_blocked(routing: MemoryRouting) -> None:
+async def test_live_entry_first_even_with_only_its_excluded_agent(
+    routing: MemoryRouting,
+) -> None:
     await add_agent(routing, "a")
     await routing.enqueue(entry("live", excluded=frozenset({"a"})))
     await routing.enqueue(entry("left", backlog=True))
     got = await routing.assign_next("g", 1)
-    assert got is not None and got.conv == "left"
-    assert await convs(routing) == ["live"]
+    assert got is not None and got.conv == "live"
+    assert await convs(routing) == ["left"]
 
 
 async def test_backlog_head_insertion(routing: MemoryRouting) -> None:
@@ -741,6 +751,12 @@ class RoutingMachine(RuleBasedStateMachine):
             for a, m in self.agents.items()
             if e.group in m.groups and a not in e.excluded and m.available()
         ]
+        if not candidates:  # the excluded ones only when nobody else is free
+            candidates = [
+                (m.load, m.last_assigned, a)
+                for a, m in self.agents.items()
+                if e.group in m.groups and m.available()
+            ]
         return min(candidates)[2] if candidates else None
 
     def _give(self, agent: str, conv: str) -> None:
@@ -914,6 +930,7 @@ class RoutingMachine(RuleBasedStateMachine):
         if ok:
             self._model_remove(conv)
             m.active.add(conv)
+            m.unaccepted[conv] = self.now  # a new slot waits for its accept, like any other
             m.last_assigned = self.now
 
     @precondition(lambda self: any(m.active for m in self.agents.values()))

@@ -265,17 +265,29 @@ async def list_messages(request: web.Request, principal: Principal) -> web.Respo
     before = _int(request, "before_seq", None, 0, 2**53)
     if after is not None and before is not None:
         raise InvalidArgument("give after_seq or before_seq, not both")
-    if after is not None:
-        rows = await desk.store.messages_after(conv.id, after, limit + 1)
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-    else:
-        rows = await desk.store.messages_before(conv.id, before, limit + 1)
-        has_more = len(rows) > limit
-        rows = rows[1:] if has_more else rows
-    last = rows[-1].seq if rows else 0
-    if principal.role is Role.CUSTOMER:
-        rows = [m for m in rows if not m.internal]
+    customer = principal.role is Role.CUSTOMER
+    while True:
+        if after is not None:
+            rows = await desk.store.messages_after(conv.id, after, limit + 1)
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+            edge = rows[-1].seq if rows else None  # the next page starts after it
+        else:
+            rows = await desk.store.messages_before(conv.id, before, limit + 1)
+            has_more = len(rows) > limit
+            rows = rows[1:] if has_more else rows
+            edge = rows[0].seq if rows else None  # the next page ends before it
+        last = rows[-1].seq if rows else 0
+        if customer:
+            rows = [m for m in rows if not m.internal]
+        # A customer's page of private notes only would leave nothing to page on from:
+        # go on instead.
+        if rows or not has_more or edge is None:
+            break
+        if after is not None:
+            after = edge
+        else:
+            before = edge
     return json_response(
         s.MessagePage(
             conv=conv.id,

@@ -34,7 +34,7 @@ class QueueEntry:
     since: int
     #: The agent to prefer (the customer's previous agent), when online and free.
     prefer: str | None = None
-    #: Agents not to offer it to again (they let the accept timeout pass).
+    #: Agents to offer it to only when nobody else is free (e.g. who just passed it on).
     excluded: frozenset[str] = frozenset()
     #: Left a message (overflow or out of hours) instead of waiting live.
     backlog: bool = False
@@ -158,8 +158,8 @@ class RoutingBackend(abc.ABC):
         """Pop the group's next conversation and give it to the best available agent.
 
         Best: the entry's preferred agent if available, else the least loaded available
-        member of the group, ties to the one who got a conversation longest ago. Entries
-        whose only available agents are excluded are skipped, not dropped. None when no
+        member of the group, ties to the one who got a conversation longest ago; the
+        entry's excluded agents only when no other member is available. None when no
         entry can be assigned.
         """
 
@@ -173,7 +173,8 @@ class RoutingBackend(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(self, agent_id: str, conv: str, now: int, *, force: bool = False) -> bool:
-        """Give the agent a slot for ``conv`` unless at capacity (``force`` ignores it)."""
+        """Give the agent a slot for ``conv`` unless unavailable or at capacity (``force``
+        ignores that). A new slot is unaccepted until :meth:`accepted`."""
 
     @abc.abstractmethod
     async def move(
@@ -181,6 +182,10 @@ class RoutingBackend(abc.ABC):
     ) -> bool:
         """Hand ``conv``'s slot from one agent to another in one step (a transfer), unless
         ``to_agent`` is unavailable or at capacity (``force`` ignores that, to undo)."""
+
+    @abc.abstractmethod
+    async def holds(self, agent_id: str, conv: str) -> bool:
+        """Whether the agent has a slot for ``conv``."""
 
     @abc.abstractmethod
     async def release(self, agent_id: str, conv: str, now: int) -> None:

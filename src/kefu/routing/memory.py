@@ -139,18 +139,17 @@ class MemoryRouting(RoutingBackend):
             if preferred is not None and entry.group in preferred.groups and preferred.available():
                 return preferred
         best: AgentState | None = None
+        fallback: AgentState | None = None  # the best excluded one, if nobody else is free
         for state in self._agents.values():
-            if entry.group not in state.groups or state.id in entry.excluded:
+            if entry.group not in state.groups or not state.available():
                 continue
-            if not state.available():
-                continue
-            if best is None or (state.load, state.last_assigned, state.id) < (
-                best.load,
-                best.last_assigned,
-                best.id,
-            ):
+            key = (state.load, state.last_assigned, state.id)
+            if state.id in entry.excluded:
+                if fallback is None or key < (fallback.load, fallback.last_assigned, fallback.id):
+                    fallback = state
+            elif best is None or key < (best.load, best.last_assigned, best.id):
                 best = state
-        return best
+        return best or fallback
 
     def _give(self, state: AgentState, entry: QueueEntry, now: int) -> Assignment:
         self._remove(entry.conv)
@@ -166,6 +165,8 @@ class MemoryRouting(RoutingBackend):
         )
 
     async def assign_next(self, group: str, now: int) -> Assignment | None:
+        if not any(group in a.groups and a.available() for a in self._agents.values()):
+            return None  # nobody free: no need to look at each waiting entry
         for table in (self._live, self._backlog):
             for entry in list(table.get(group, {}).values()):
                 state = self._best(entry)
@@ -198,8 +199,13 @@ class MemoryRouting(RoutingBackend):
             return False
         self._remove(conv)
         state.active.add(conv)
+        state.unaccepted[conv] = now
         state.last_assigned = now
         return True
+
+    async def holds(self, agent_id: str, conv: str) -> bool:
+        state = self._agents.get(agent_id)
+        return state is not None and conv in state.active
 
     async def move(
         self, conv: str, from_agent: str | None, to_agent: str, now: int, *, force: bool = False

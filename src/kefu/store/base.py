@@ -132,13 +132,14 @@ class MessageStore(abc.ABC):
         sets: Mapping[str, str | int | None] | None = None,
         stamps: Collection[str] = (),
         first_stamps: Collection[str] = (),
-    ) -> tuple[Conversation, StoredMessage]:
+    ) -> tuple[Conversation, StoredMessage, str | None]:
         """Compare-and-set a lifecycle transition and record its event, in one transaction.
 
         Applies only if the conversation's state is in ``from_states`` (and it is assigned
         to ``if_agent`` when given); otherwise raises InvalidTransition and changes
         nothing. ``event_body`` is stored as a ``system`` message. Returns the updated
-        conversation and the event message.
+        conversation, the event message and the agent it had just before (the one to
+        release, whatever a caller read earlier).
         """
 
     @abc.abstractmethod

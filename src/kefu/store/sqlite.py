@@ -657,7 +657,7 @@ class SQLiteStore(MessageStore):
         sets: Mapping[str, str | int | None] | None = None,
         stamps: Collection[str] = (),
         first_stamps: Collection[str] = (),
-    ) -> tuple[Conversation, StoredMessage]:
+    ) -> tuple[Conversation, StoredMessage, str | None]:
         result = await self._conversation_result(
             w.Transition(
                 conv=conv_id,
@@ -673,7 +673,8 @@ class SQLiteStore(MessageStore):
             )
         )
         assert result.event is not None
-        return conversation_from_row(result.conv), _stored_message(result.event)
+        conv = conversation_from_row(result.conv)
+        return conv, _stored_message(result.event), result.previous_agent
 
     async def successor(self, conv_id: str) -> tuple[Conversation, bool]:
         result = await self._conversation_result(w.Successor(conv=conv_id, new_id=ids.new_id()))

@@ -152,6 +152,8 @@ class Transitioned(msgspec.Struct, tag="transitioned", tag_field="k", array_like
     conv: list[Param]
     event: Stored | None = None
     created: bool = False
+    #: The agent the conversation had just before this transition.
+    previous_agent: str | None = None
 
 
 class Rows(msgspec.Struct, tag="rows", tag_field="k", array_like=True):
@@ -422,6 +424,9 @@ class BatchWriter:
         for name in job.first_stamps:
             assignments.append(f"{name} = COALESCE({name}, ?)")
             params.append(now)
+        before = self.conn.execute(
+            "SELECT agent_id FROM conversations WHERE id = ?", (job.conv,)
+        ).fetchone()
         where = f"id = ? AND state IN ({','.join('?' * len(job.from_states))})"
         params += [job.conv, *job.from_states]
         if job.if_agent is not None:
@@ -450,7 +455,7 @@ class BatchWriter:
         (event,) = self._append_many(
             [Append(job.conv, job.sender, job.sender_role, None, "system", job.body)]
         )
-        return Transitioned(conv=list(updated), event=event)
+        return Transitioned(conv=list(updated), event=event, previous_agent=before[0])
 
     def _successor(self, job: Successor) -> Transitioned:
         current = self._conversation_row(job.conv)
