@@ -1,13 +1,15 @@
 """``kefu bench``: the load generator's command line.
 
 ``kefu bench run`` drives nodes that are already running; ``kefu bench local`` starts a
-node (and the echo server) itself, runs every measurement and writes docs/benchmarks.md.
-See docs/benchmarks.md for the method.
+node (and the echo server) itself, runs every measurement and writes docs/benchmarks.md;
+``kefu bench desk`` measures the help desk (assignment, queue positions) against nodes it
+starts and rewrites the doc's "Help desk" section. See docs/benchmarks.md for the method.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pickle
 import secrets
 import sys
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kefu.bench import report
+from kefu.bench.desk import QUICK, DeskOptions, DeskResults, parse_floats, run_desk
 from kefu.bench.local import LocalOptions, LocalResults, run_local
 from kefu.bench.scenarios import capacity, open_conversations, saturate, sustained
 from kefu.bench.stats import is_loopback_url, per_connection_rate, rate_steps, workers_for
@@ -68,6 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--no-doc", action="store_true", help="print only")
     local.add_argument("--save", type=Path, help="also keep the raw results (pickle) here")
     _load_args(local)
+
+    desk = sub.add_parser("desk", help="the help desk: assignment and queue positions")
+    desk.add_argument("--customers", type=int, help="customers opening at once (400)")
+    desk.add_argument("--agents", type=int, help="agents online (50)")
+    desk.add_argument("--capacity", type=int, help="conversations per agent (10)")
+    desk.add_argument("--runs", type=int, help="burst runs, median reported (3)")
+    desk.add_argument("--waiting", type=int, help="customers queued for positions (5000)")
+    desk.add_argument("--rates", type=parse_floats, help="agent resolves a second (5,20)")
+    desk.add_argument(
+        "--intervals", type=parse_floats, help="queue_update_interval values (0.5,0.1)"
+    )
+    desk.add_argument("--window", type=float, help="seconds per resolve rate (10)")
+    desk.add_argument("--churn-windows", type=int, help="sustained windows (3)")
+    desk.add_argument("--churn-seconds", type=float, help="seconds per sustained window (5)")
+    desk.add_argument(
+        "--only",
+        action="append",
+        choices=["burst", "churn", "positions"],
+        help="run only this measurement (repeatable)",
+    )
+    desk.add_argument("--quick", action="store_true", help="a small smoke run (~1 minute)")
+    desk.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    desk.add_argument("--no-doc", action="store_true", help="print only")
+    desk.add_argument("--save", type=Path, help="also keep the raw results (pickle) here")
 
     render = sub.add_parser("render", help="print and write the doc again from --save results")
     render.add_argument("results", type=Path)
@@ -164,7 +191,7 @@ def _publish(results: LocalResults, args: argparse.Namespace) -> int:
     if not args.no_doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         previous = args.doc.read_text(encoding="utf-8") if args.doc.exists() else ""
-        doc = report.markdown(results, report.kept_notes(previous))
+        doc = report.markdown(results, report.kept_notes(previous), report.kept_desk(previous))
         args.doc.write_text(doc, encoding="utf-8")
         _progress(f"wrote {args.doc}")
     return 0
@@ -172,10 +199,74 @@ def _publish(results: LocalResults, args: argparse.Namespace) -> int:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     results = pickle.loads(args.results.read_bytes())  # a file this command wrote
+    if isinstance(results, DeskResults):
+        return _publish_desk(results, args)
     if not isinstance(results, LocalResults):
-        print(f"kefu bench: {args.results} does not hold local results", file=sys.stderr)
+        print(f"kefu bench: {args.results} does not hold bench results", file=sys.stderr)
         return 2
     return _publish(results, args)
+
+
+DESK_FLAGS = (
+    "customers",
+    "agents",
+    "capacity",
+    "runs",
+    "waiting",
+    "rates",
+    "intervals",
+    "window",
+    "churn_windows",
+    "churn_seconds",
+)
+
+
+def desk_options(args: argparse.Namespace) -> DeskOptions | str:
+    """The options of ``kefu bench desk`` (``--quick`` sizes, then explicit flags), or
+    what is wrong with them."""
+    given: dict[str, object] = dict(QUICK) if args.quick else {}
+    given.update({k: getattr(args, k) for k in DESK_FLAGS if getattr(args, k) is not None})
+    if args.only:
+        given["scenarios"] = tuple(dict.fromkeys(args.only))
+    options = dataclasses.replace(DeskOptions(quick=args.quick), **given)  # type: ignore[arg-type]
+    if min(options.customers, options.agents, options.runs, options.churn_windows) < 1:
+        return "--customers, --agents, --runs and --churn-windows must be >= 1"
+    if not 1 <= options.capacity <= 200:
+        return "--capacity must be 1..200 (the node's max_capacity)"
+    if options.customers > options.agents * options.capacity:
+        return "--customers above --agents x --capacity could not all be assigned at once"
+    if options.customers > 10_000 or not 2 <= options.waiting <= 15_000:
+        return "--customers is at most 10,000 and --waiting 2..15,000 (one node's sockets)"
+    if any(r <= 0 or r > 200 for r in options.rates):
+        return "--rates must be in (0, 200] resolves a second"
+    if any(i < 0 or i > 5 for i in options.intervals):
+        return "--intervals must be 0..5 seconds"
+    if options.window <= 0 or options.churn_seconds <= 0:
+        return "durations must be positive"
+    return options
+
+
+def _cmd_desk(args: argparse.Namespace) -> int:
+    options = desk_options(args)
+    if isinstance(options, str):
+        print(f"kefu bench: {options}", file=sys.stderr)
+        return 2
+    results = run_desk(options, _progress)
+    if args.save is not None:
+        args.save.write_bytes(pickle.dumps(results))
+    return _publish_desk(results, args)
+
+
+def _publish_desk(results: DeskResults, args: argparse.Namespace) -> int:
+    print(report.desk_text(results))
+    if not args.no_doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        previous = args.doc.read_text(encoding="utf-8") if args.doc.exists() else ""
+        args.doc.write_text(
+            report.splice_desk(previous, report.desk_markdown(results)), encoding="utf-8"
+        )
+        _progress(f"wrote the Help desk section of {args.doc}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -185,6 +276,8 @@ def main(argv: list[str]) -> int:
             return _cmd_run(args)
         if args.command == "render":
             return _cmd_render(args)
+        if args.command == "desk":
+            return _cmd_desk(args)
         return _cmd_local(args)
     except KeyboardInterrupt:
         print("kefu bench: interrupted", file=sys.stderr)

@@ -7,6 +7,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kefu.bench.desk import (
+    FILL_CONCURRENCY,
+    PROBE_EVERY,
+    DeskResults,
+    StoreFigures,
+    Verdict,
+)
 from kefu.bench.scenarios import (
     HOLD_P99_MS,
     HOLD_SHARE,
@@ -16,7 +23,7 @@ from kefu.bench.scenarios import (
     Sustained,
     why_not,
 )
-from kefu.bench.stats import prom_value
+from kefu.bench.stats import Latency, prom_value
 from kefu.bench.swarm import Step
 
 if TYPE_CHECKING:
@@ -277,8 +284,9 @@ def kept_notes(previous: str) -> str:
     return previous[start + len(NOTES_BEGIN) : end].strip()
 
 
-def markdown(results: LocalResults, notes: str = "") -> str:
-    """docs/benchmarks.md: the figures of ``results`` and the kept ``notes``."""
+def markdown(results: LocalResults, notes: str = "", desk: str = "") -> str:
+    """docs/benchmarks.md: the figures of ``results``, the kept ``notes`` and the kept
+    help-desk section ``desk`` (see :func:`kept_desk`)."""
     opts = results.options
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results.started))
     minutes = (results.finished - results.started) / 60
@@ -389,6 +397,8 @@ def markdown(results: LocalResults, notes: str = "") -> str:
             f"**{_num(_ratio(results), 2)}**.",
         ]
     doc += ["", "## What limits these numbers", "", *_notes(results)]
+    if desk.strip():
+        doc += ["", desk.strip()]
     doc += ["", "## Findings", "", NOTES_BEGIN, notes.strip() or "(none yet)", NOTES_END]
     doc += [
         "",
@@ -399,6 +409,7 @@ def markdown(results: LocalResults, notes: str = "") -> str:
         "scripts/bench local --connections 2000 --no-variants --no-doc   # a quick look",
         'scripts/bench run --url http://127.0.0.1:8080 --secret "$KEFU_JWT_SECRET" \\',
         "    --connections 2000 --rate 1000 --duration 30   # against running nodes",
+        "scripts/bench desk                       # the help desk; rewrites its section only",
         "```",
         "",
     ]
@@ -443,3 +454,369 @@ def _notes(results: LocalResults) -> list[str]:
         "PostgreSQL, and a real network: loopback has no loss and near-zero RTT."
     )
     return notes
+
+
+# -- kefu bench desk ----------------------------------------------------------------------
+
+DESK_BEGIN = "<!-- help desk: written by `kefu bench desk`, kept by `kefu bench local` -->"
+DESK_END = "<!-- /help desk -->"
+FINDINGS_HEADING = "## Findings"
+
+
+def kept_desk(previous: str) -> str:
+    """The help-desk section of an earlier docs/benchmarks.md, markers included ('' if
+    none)."""
+    start, end = previous.find(DESK_BEGIN), previous.find(DESK_END)
+    if start < 0 or end < start:
+        return ""
+    return previous[start : end + len(DESK_END)]
+
+
+def splice_desk(doc: str, section: str) -> str:
+    """``doc`` with its help-desk section replaced by ``section`` (which carries the
+    markers); a doc without one gets it before its Findings, else at its end. Nothing else
+    of ``doc`` changes."""
+    section = section.strip()
+    old = kept_desk(doc)
+    if old:
+        return doc.replace(old, section, 1)
+    at = doc.find("\n" + FINDINGS_HEADING + "\n")
+    if at >= 0:
+        return doc[: at + 1] + section + "\n\n" + doc[at + 1 :]
+    if not doc.strip():
+        return "# Benchmarks\n\n" + section + "\n"
+    return doc.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def _ms(latency: Latency, which: str) -> str:
+    return _num(getattr(latency, which), 1)
+
+
+def _mib(kb: int | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:,.1f}"
+
+
+BURST_HEADERS = (
+    "run",
+    "customers",
+    "agents x capacity",
+    "assigned",
+    "first open to last assigned s",
+    "assignments/s",
+    "open→reply p50 ms",
+    "p99 ms",
+    "open→assigned p50 ms",
+    "p99 ms",
+    "max ms",
+    "node CPU",
+    "of which node process",
+    "node CPU ms/assignment",
+    "other CPU",
+    "store commits (writes each, ms each)",
+    "max load",
+    "assigned exactly once",
+    "errors",
+)
+
+
+def _burst_rows(results: DeskResults) -> list[list[str]]:
+    return [
+        [
+            str(i),
+            f"{b.customers:,}",
+            f"{b.agents} x {b.capacity}",
+            f"{b.verdict.assigned:,}",
+            _num(b.seconds, 2),
+            _num(b.rate),
+            _ms(b.reply, "p50"),
+            _ms(b.reply, "p99"),
+            _ms(b.wait, "p50"),
+            _ms(b.wait, "p99"),
+            _ms(b.wait, "max"),
+            _pct(b.cpu.node),
+            _pct(b.cpu.process),
+            _num(b.cpu_ms_per_assignment, 2),
+            _pct(b.cpu.other),
+            _store(b.store),
+            f"{b.verdict.max_load}/{b.capacity}",
+            _verdict(b.verdict),
+            _errors(b.errors),
+        ]
+        for i, b in enumerate(results.bursts, start=1)
+    ]
+
+
+def _store(store: StoreFigures) -> str:
+    return (
+        f"{_num(store.commits)} ({_num(store.jobs_per_commit, 1)}, "
+        f"{_num(store.ms_per_commit, 1)} ms)"
+    )
+
+
+def _verdict(verdict: Verdict) -> str:
+    text = f"{verdict.once:,}/{verdict.conversations:,}"
+    return text if verdict.ok else text + " (" + "; ".join(verdict.problems) + ")"
+
+
+CHURN_HEADERS = (
+    "window",
+    "seconds",
+    "opened/s",
+    "assigned/s",
+    "resolved/s",
+    "open→assigned p50 ms",
+    "p99 ms",
+    "node CPU",
+    "of which node process",
+    "bench CPU",
+    "other CPU",
+    "node CPU ms/assignment",
+)
+
+
+def _churn_rows(results: DeskResults) -> list[list[str]]:
+    if results.churn is None:
+        return []
+    return [
+        [
+            str(i),
+            _num(w.seconds, 1),
+            _num(w.opened / w.seconds),
+            _num(w.rate),
+            _num(w.resolved / w.seconds),
+            _ms(w.wait, "p50"),
+            _ms(w.wait, "p99"),
+            _pct(w.cpu.node),
+            _pct(w.cpu.process),
+            _pct(w.cpu.bench),
+            _pct(w.cpu.other),
+            _num(w.cpu_ms_per_assignment, 2),
+        ]
+        for i, w in enumerate(results.churn.windows, start=1)
+    ]
+
+
+FILL_HEADERS = (
+    "queue_update_interval s",
+    "customers connected",
+    "connect s",
+    "queued in s",
+    "node CPU s (queueing)",
+    "RSS idle MiB",
+    "RSS connected MiB",
+    "RSS queued MiB",
+    "KiB per queued conversation",
+    "positions right after queueing",
+    "position frames dropped (slow readers)",
+    "errors",
+)
+
+
+def _fill_rows(results: DeskResults) -> list[list[str]]:
+    return [
+        [
+            f"{p.interval:g}",
+            f"{p.connected - 2:,}/{p.waiting:,}",  # minus the agent and the probe
+            _num(p.connect_seconds, 1),
+            _num(p.fill_seconds, 1),
+            _num(p.fill_cpu_s, 1),
+            _mib(p.rss_base_kb),
+            _mib(p.rss_connected_kb),
+            _mib(p.rss_filled_kb),
+            _num(p.queue_kb_per_customer, 1),
+            f"{p.fill_correct:,}/{p.fill_checked:,}",
+            _num(p.dropped),
+            _errors(p.errors),
+        ]
+        for p in results.positions
+    ]
+
+
+POSITION_HEADERS = (
+    "queue_update_interval s",
+    "resolves/s asked",
+    "waiting",
+    "queue moves/s",
+    "position pushes/s",
+    "passes/s",
+    "lag p50 ms",
+    "lag p99 ms",
+    "lag max ms",
+    "node CPU",
+    "of which node process",
+    "node µs/push",
+    "node ms/pass",
+    "node ms/move",
+    "bench CPU",
+    "other CPU",
+    "ping p50 ms",
+    "ping p99 ms",
+    "ping max ms",
+    "node RSS MiB",
+    "positions right after",
+)
+
+
+def _position_rows(results: DeskResults) -> list[list[str]]:
+    rows = []
+    for p in results.positions:
+        for w in p.windows:
+            lag = "-" if not w.moves else None
+            rows.append(
+                [
+                    f"{p.interval:g}",
+                    f"{w.rate:g}" if w.rate else "0 (idle)",
+                    f"{w.waiting:,}",
+                    _num(w.move_rate, 1),
+                    _num(w.push_rate),
+                    _num(w.passes, 2),
+                    lag or _ms(w.lag, "p50"),
+                    lag or _ms(w.lag, "p99"),
+                    lag or _ms(w.lag, "max"),
+                    _pct(w.cpu.node),
+                    _pct(w.cpu.process),
+                    _num(w.cpu_us_per_push, 1),
+                    _num(w.cpu_ms_per_pass, 0),
+                    _num(w.cpu_ms_per_move, 1),
+                    _pct(w.cpu.bench),
+                    _pct(w.cpu.other),
+                    _ms(w.ping, "p50"),
+                    _ms(w.ping, "p99"),
+                    _ms(w.ping, "max"),
+                    _mib(w.rss_kb),
+                    f"{w.correct:,}/{w.checked:,}"
+                    + (f" ({w.missing:,} moves never told)" if w.missing else ""),
+                ]
+            )
+    return rows
+
+
+def desk_text(results: DeskResults) -> str:
+    parts = []
+    if results.bursts:
+        parts.append(
+            f"assignment burst (median {_num(results.burst_rate)} assignments/s)\n"
+            + text_table(BURST_HEADERS, _burst_rows(results))
+        )
+    if results.churn is not None:
+        parts.append(
+            f"sustained, resolve on assignment (median {_num(results.churn.median_rate)}"
+            " assignments/s)\n"
+            + text_table(CHURN_HEADERS, _churn_rows(results))
+            + f"\nstore over the windows: {_store(results.churn.store)} commits for "
+            f"{_num(results.churn.store.assignments)} assignments; assigned once "
+            f"{_verdict(results.churn.verdict)}"
+        )
+    if results.positions:
+        parts.append("queueing\n" + text_table(FILL_HEADERS, _fill_rows(results)))
+        parts.append("queue positions\n" + text_table(POSITION_HEADERS, _position_rows(results)))
+    return "\n\n".join(parts)
+
+
+def desk_markdown(results: DeskResults) -> str:
+    """The "Help desk" section of docs/benchmarks.md, between its markers."""
+    opts = results.options
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results.started))
+    minutes = (results.finished - results.started) / 60
+    m = results.machine
+    settings = ", ".join(f"`{k}={v}`" for k, v in results.node_settings.items()) or "none"
+    doc = [
+        DESK_BEGIN,
+        "## Help desk",
+        "",
+        f"Figures from `scripts/bench desk{' --quick' if opts.quick else ''}` "
+        f"(`kefu bench desk`), run {when}, {minutes:.1f} minutes, on "
+        f"{m.get('cpus (nproc)', '?')} cpus ({m.get('cpu model', '?')}), Python "
+        f"{m.get('python', '?')}. `kefu bench desk` rewrites this section only; "
+        "`kefu bench local` keeps it.",
+        "",
+        "### Method",
+        "",
+        "- **Node**: a fresh `kefu serve` per measurement (embedded store and routing, a "
+        "temporary data directory, SQLite `synchronous=FULL`), set up over the REST API "
+        "(`POST /api/v1/groups`, `POST /api/v1/agents`) with an admin token; settings "
+        f"changed from the defaults: {settings} (the per-connection rate limit would "
+        "otherwise throttle the probe's pings), and `queue_update_interval` where a table "
+        "says so.",
+        "- **Clients**: real WebSocket clients (aiohttp on uvloop) in separate processes: "
+        "one for the agents and a ping probe, one per 2,500 customers; sockets bound to "
+        "127.0.0.2, 127.0.0.3, ... Agents send `status` online before anything starts. "
+        "All client processes time with `time.monotonic()` (one machine-wide clock).",
+        f"- **Assignment burst**: {opts.agents} agents, capacity {opts.capacity} each, "
+        f"online; {opts.customers:,} customers send `open` all at once. Throughput is the "
+        "conversations assigned from the first `open` sent to the last assignment a "
+        "customer saw (its `assigned` system message, or a `conversation` frame in state "
+        "`assigned`, whichever came first), per second; "
+        f"{opts.runs} run{'s' if opts.runs != 1 else ''} on fresh nodes, median reported. "
+        "Checked: every conversation assigned exactly once (one `assigned` event at the "
+        "customer and at exactly one agent, both naming the same agent) and every `agent` "
+        "frame's `load` <= its capacity.",
+        f"- **Sustained (resolve on assignment)**: the same desk, but each agent sends "
+        "`resolve` as soon as it sees an assignment and each customer sends `open` again "
+        f"as soon as its conversation is resolved: a closed loop of {opts.customers:,} "
+        f"conversations. {opts.churn_windows} window{'s' if opts.churn_windows != 1 else ''}"
+        f" of {opts.churn_seconds:g} s after {opts.churn_warmup:g} s of warm-up; same checks "
+        "over every conversation of the run. One cycle is an open (conversation created, "
+        "`queued` system message), an assignment and a resolution: three commits, six "
+        "pushes or so.",
+        f"- **Queue positions**: one group with ONE agent online at capacity 1, so the live "
+        f"queue holds everyone ({opts.waiting:,} customers; with no agent online they would "
+        "go to the leave-a-message backlog and get one position-0 push each). Customers "
+        f"open with at most {FILL_CONCURRENCY} opens in flight per client process, so the "
+        "store's `max_pending_writes` does not refuse them. Then windows of "
+        f"{opts.window:g} s (an idle one of {opts.idle:g} s first) in which the agent "
+        "resolves at a fixed rate (no catching up), so the head of the queue is assigned "
+        "and everyone behind moves up. *Position pushes/s*: `queue_position` frames the "
+        "customers received in the window. *Passes/s*: frames per still-waiting customer "
+        "per second (each pass of the pusher tells everyone whose position changed). "
+        "*Lag*: from the agent seeing an assignment (a queue move) to each waiting "
+        "customer's first frame with its new position or better. *Node CPU*: "
+        "utime+stime of the node and its writer process over the window, per core; "
+        "per push and per move are that CPU time divided by pushes and moves. *Ping*: a "
+        f"probe socket sends `ping` every {PROBE_EVERY * 1000:.0f} ms; its round trip shows "
+        "how long the node's event loop stalls. *Positions right*: after each window and "
+        "a drain, each waiting customer's last pushed position compared with the node's "
+        "own queue (the `queue` op).",
+    ]
+    if results.bursts:
+        doc += [
+            "",
+            "### Assignment throughput: burst",
+            "",
+            md_table(BURST_HEADERS, _burst_rows(results)),
+            "",
+            f"Median of {len(results.bursts)}: **{_num(results.burst_rate)} "
+            f"assignments/s** with {opts.agents} agents online.",
+        ]
+    if results.churn is not None:
+        c = results.churn
+        doc += [
+            "",
+            "### Assignment throughput: sustained, agents resolve on assignment",
+            "",
+            md_table(CHURN_HEADERS, _churn_rows(results)),
+            "",
+            f"Median: **{_num(c.median_rate)} assignments/s** sustained ({c.customers:,} "
+            f"customers, {c.agents} agents x {c.capacity}); assigned exactly once "
+            f"{_verdict(c.verdict)}, max load {c.verdict.max_load}/{c.capacity}, "
+            f"errors {_errors(c.errors)}. Store over the windows: {_store(c.store)} "
+            f"commits for {_num(c.store.assignments)} assignments.",
+        ]
+    if results.positions:
+        doc += [
+            "",
+            f"### Queue positions with {opts.waiting:,} waiting",
+            "",
+            md_table(FILL_HEADERS, _fill_rows(results)),
+            "",
+            md_table(POSITION_HEADERS, _position_rows(results)),
+        ]
+    doc += ["", "### Reproduce", "", "```"]
+    doc += [
+        "scripts/bench desk                 # everything (~5 minutes), rewrites this section",
+        "scripts/bench desk --quick --no-doc   # a smoke run",
+        "scripts/bench desk --only positions --waiting 2000 --intervals 0.5 --no-doc",
+        "```",
+        DESK_END,
+    ]
+    return "\n".join(doc)
