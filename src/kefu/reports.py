@@ -16,10 +16,11 @@ agent who held it last.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import statistics
 from collections.abc import Iterable
+
+import msgspec
 
 from kefu.model import Conversation, ConversationState
 
@@ -41,8 +42,9 @@ COLUMNS = (
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ReportRow:
+class ReportRow(msgspec.Struct, frozen=True):
+    """One group's or agent's figures (also the REST API's report row)."""
+
     key: str
     conversations: int
     assigned: int
@@ -112,5 +114,5 @@ def to_csv(rows: Iterable[ReportRow]) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for row in rows:
-        writer.writerow(["" if v is None else v for v in dataclasses.astuple(row)])
+        writer.writerow(["" if v is None else v for v in msgspec.structs.astuple(row)])
     return out.getvalue()

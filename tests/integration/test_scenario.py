@@ -36,6 +36,7 @@ from kefu.protocol import frames as f
 from kefu.routing.base import QueueEntry
 from kefu.routing.memory import MemoryRouting
 from kefu.server import Server
+from kefu.views import message_frame
 from tests.conftest import make_config, token
 
 pytestmark = pytest.mark.slow
@@ -432,20 +433,7 @@ async def test_a_busy_hour(tmp_path: Path) -> None:
             for conv in desk_log.conv_of.values():
                 rows = await store.messages_after(conv, 0, 10_000)
                 assert [m.seq for m in rows] == list(range(1, len(rows) + 1))
-                histories[conv] = [
-                    f.Message(
-                        conv=m.conv,
-                        seq=m.seq,
-                        msg_id=m.msg_id,
-                        sender=m.sender,
-                        sender_role=m.sender_role,
-                        type=m.type,
-                        body=msgspec.Raw(m.body),
-                        ts=m.ts,
-                        client_msg_id=m.client_msg_id or "",
-                    )
-                    for m in rows
-                ]
+                histories[conv] = [message_frame(m) for m in rows]
             for conv, history in histories.items():
                 holder: str | None = None
                 queued = True

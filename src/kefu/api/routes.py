@@ -464,7 +464,7 @@ async def get_report(request: web.Request, principal: Principal) -> web.StreamRe
         by=by,
         start=start,
         end=end,
-        rows=[s.ReportRowOut(**dataclasses.asdict(r)) for r in rows],
+        rows=rows,
     )
     return json_response(out)
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from kefu.protocol.frames import ConversationInfo, GroupId, Message, UserId
+from kefu.reports import ReportRow
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Text = Annotated[str, msgspec.Meta(max_length=4000)]
@@ -136,28 +137,11 @@ class LiveStats(msgspec.Struct):
     agents: list[AgentStats]
 
 
-class ReportRowOut(msgspec.Struct):
-    key: str
-    conversations: int
-    assigned: int
-    resolved: int
-    abandoned: int
-    abandonment_rate: float
-    wait_avg_s: float | None
-    wait_median_s: float | None
-    first_response_avg_s: float | None
-    first_response_median_s: float | None
-    resolution_avg_s: float | None
-    resolution_median_s: float | None
-    csat_count: int
-    csat_avg: float | None
-
-
 class Report(msgspec.Struct):
     by: str
     start: int
     end: int
-    rows: list[ReportRowOut]
+    rows: list[ReportRow]
 
 
 class Deleted(msgspec.Struct):
