@@ -81,6 +81,9 @@ class ServiceSettings:
     inactivity_close: float = 15 * 60.0
     queue_update_interval: float = 0.5
     sweep_interval: float = 1.0
+    #: Conversations waiting in one group (live and left messages) past which new ones are
+    #: refused with the retryable ``overloaded`` error.
+    max_queued: int = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,6 +230,7 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.service.queue_update_interval >= 0, "queue_update_interval must be >= 0"),
         (cfg.service.sweep_interval > 0, "sweep_interval must be positive"),
+        (cfg.service.max_queued >= 1, "max_queued must be positive"),
         (
             all(u.startswith(("http://", "https://")) for u in cfg.webhooks.webhook_urls),
             "webhook_urls must be http:// or https:// URLs",

@@ -69,6 +69,8 @@ from kefu.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+#: Seconds a customer refused by a full queue is told to wait before opening again.
+QUEUE_FULL_RETRY_AFTER = 30.0
 #: Most assignments recorded concurrently by one dispatch step.
 DISPATCH_BATCH = 64
 #: Queue-position pushes between two yields to the event loop (a long queue must not
@@ -503,6 +505,13 @@ class Desk:
         )
         if existing:
             return existing[0], False
+        if await self.routing.queue_length(group.id) >= self.settings.max_queued:
+            self.metrics.queue_refused.labels(group=group.id).inc()
+            raise KefuError(
+                f"the queue of group {group.id!r} is full: try again later",
+                code=ErrorCode.OVERLOADED,
+                retry_after=QUEUE_FULL_RETRY_AFTER,
+            )
         conv = await self.store.create_conversation(
             customer_id=principal.user_id,
             group_id=group.id,

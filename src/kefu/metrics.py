@@ -185,9 +185,16 @@ class Metrics:
         )
         self.timer_actions = Counter(
             "kefu_timer_actions",
-            "Actions taken by the service timers, by kind (accept_timeout, agent_offline, "
-            "overflow, inactivity_warning, inactivity_close, expire_resolved).",
+            "Actions taken by the desk's timers and routing, by kind (accept_timeout, "
+            "agent_offline, overflow, inactivity_warning, inactivity_close).",
             ["kind"],
+            registry=r,
+        )
+        self.queue_refused = Counter(
+            "kefu_queue_refused",
+            "Customers refused with 'overloaded' because their group's queue was full "
+            "(max_queued).",
+            ["group"],
             registry=r,
         )
         # -- webhooks ------------------------------------------------------------------------

@@ -189,3 +189,16 @@ async def test_only_the_two_sides_type(hd: Harness) -> None:
     await b.barrier()
     await customer.barrier()
     assert not customer.pushed(lambda fr: fr.get("op") == "typing")
+
+
+async def test_a_full_queue_refuses_new_customers(make_desk: MakeDesk) -> None:
+    hd = await make_desk(max_queued=2)
+    for n in range(2):  # no agent online: both wait (as left messages)
+        await hd.customer(f"cust-{n}")
+    late = await hd.connect("cust-late")
+    refused = await late.request("open")
+    assert refused["op"] == "error" and refused["code"] == "overloaded", refused
+    assert refused["retryable"] is True and refused["retry_after"] > 0
+    assert await hd.server.node.routing.queue_length("general") == 2
+    listing = await late.ok("convs", "conversations")
+    assert listing["conversations"] == []  # nothing was created for them

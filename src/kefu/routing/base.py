@@ -144,6 +144,10 @@ class RoutingBackend(abc.ABC):
         """The group's queue in order: live entries first, then left messages."""
 
     @abc.abstractmethod
+    async def queue_length(self, group: str) -> int:
+        """How many conversations the group's queue holds (live and left messages)."""
+
+    @abc.abstractmethod
     async def queued_groups(self) -> list[str]:
         """Groups with at least one queued conversation."""
 

@@ -120,6 +120,9 @@ class MemoryRouting(RoutingBackend):
         entries += self._backlog.get(group, _EMPTY).values()
         return [dataclasses.replace(e) for e in entries]
 
+    async def queue_length(self, group: str) -> int:
+        return len(self._live.get(group, _EMPTY)) + len(self._backlog.get(group, _EMPTY))
+
     async def queued_groups(self) -> list[str]:
         return sorted(set(self._live) | set(self._backlog))
 
