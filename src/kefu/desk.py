@@ -704,7 +704,7 @@ class Desk:
             and not stored.duplicate
         ):  # the holder's first reply (since the assignment) accepts it
             self._spawn(self._first_response(conv, principal.user_id))
-        if not stored.duplicate:
+        if not stored.duplicate and self.webhooks.settings.webhook_urls:
             self.emit("message.created", conv, message=message_json(stored))
 
     async def _first_response(self, conv: Conversation, agent_id: str) -> None:
