@@ -69,6 +69,8 @@ from kefu.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+#: Longest pause between two scans for customers who stopped answering (seconds).
+INACTIVITY_SCAN_MAX = 30.0
 #: Seconds a customer refused by a full queue is told to wait before opening again.
 QUEUE_FULL_RETRY_AFTER = 30.0
 #: Most assignments recorded concurrently by one dispatch step.
@@ -138,6 +140,7 @@ class Desk:
         self._positions: dict[str, tuple[str, int, bool, float | None]] = {}
         self._pace: dict[str, _GroupPace] = {}
         self._warned: set[str] = set()
+        self._inactivity_scanned = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._opening: dict[tuple[str, str], _Gate] = {}  # customer, group -> open in progress
@@ -1234,7 +1237,11 @@ class Desk:
                         conv = await self.conversation(entry.conv)
                         await self._offer_leave_message(conv, "max_wait", "")
                     self._queue_changed(group.id)
-        if s.inactivity_close:
+        # The inactivity scan reads every active conversation's last message: run it a
+        # tenth of the warning time apart (at most every 30 s), not on every tick.
+        period = min(INACTIVITY_SCAN_MAX, s.inactivity_warning / 10) * 1000
+        if s.inactivity_close and now - self._inactivity_scanned >= period:
+            self._inactivity_scanned = now
             await self._inactivity(now)
         self._dirty.update(await self.routing.queued_groups())
         self._wake.set()
