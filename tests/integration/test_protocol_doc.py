@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp  # for the REST set-up only; the WebSocket side is `websockets`
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -611,3 +612,77 @@ async def test_drain_sends_notice_then_1012(server: Server) -> None:
     await stopping
     assert frames == [{"op": "notice", "code": "draining", "text": frames[0]["text"]}]
     assert code == 1012
+
+
+async def test_documented_help_desk_session(server: Server) -> None:
+    """docs/operations.md (REST set-up) and docs/protocol.md section 15, end to end."""
+    admin = {"Authorization": f"Bearer {token('boss', 'admin')}"}
+    async with aiohttp.ClientSession() as http:
+        created = await http.post(
+            f"{server.url}/api/v1/agents",
+            headers=admin,
+            json={"id": "agent-7", "name": "Li Wei", "groups": ["general"], "capacity": 8},
+        )
+        assert created.status == 201, await created.text()
+
+    agent = await login(server, "agent-7", "agent")
+    status = await agent.request({"op": "status", "id": 1, "status": "online"})
+    assert status["op"] == "agent" and status["status"] == "online" and status["capacity"] == 8
+
+    cust = await login(server, "cust-42", "customer")
+    opened = await cust.request({"op": "open", "id": "o1"})
+    assert opened["conversation"]["state"] == "queued"
+    conv = opened["conversation"]["conv"]
+    queued = await cust.expect(is_message(conv, 1))
+    assert queued["type"] == "system" and queued["body"]["event"] == "queued"
+    assigned = await cust.expect(is_message(conv, 2))
+    assert assigned["body"]["event"] == "assigned"
+    assert assigned["body"]["data"]["agent"] == "agent-7"
+    assert assigned["body"]["data"]["state"] == "assigned"
+    pushed = await agent.expect(
+        lambda f: f.get("op") == "conversation" and f["conversation"]["conv"] == conv
+    )
+    assert pushed["conversation"]["state"] == "assigned"
+
+    accepted = await agent.request({"op": "accept", "id": 2, "conv": conv})
+    assert accepted["conversation"]["accepted"] is True
+    note = await agent.request(
+        {
+            "op": "send",
+            "id": 3,
+            "conv": conv,
+            "client_msg_id": "n1",
+            "type": "note",
+            "body": {"text": "VIP buyer"},
+        }
+    )
+    assert note["op"] == "ack"
+    refused = await cust.request(
+        {
+            "op": "send",
+            "id": "n",
+            "conv": conv,
+            "client_msg_id": "n2",
+            "type": "note",
+            "body": {"text": "me too"},
+        }
+    )
+    assert refused["op"] == "error" and refused["code"] == "forbidden"
+    resolved = await agent.request({"op": "resolve", "id": 4, "conv": conv})
+    assert resolved["conversation"]["state"] == "resolved"
+
+    # The customer never sees the note, yet their sync page's last_seq covers it.
+    page = await cust.request({"op": "sync", "id": "s", "conv": conv, "after_seq": 0})
+    assert all(m["type"] != "note" for m in page["messages"])
+    assert page["last_seq"] >= note["seq"]
+    events = [m["body"]["event"] for m in page["messages"] if m["type"] == "system"]
+    assert events == ["queued", "assigned", "accepted", "resolved"]
+
+    rated = await cust.request(
+        {"op": "rate", "id": "r", "conv": conv, "score": 5, "comment": "quick"}
+    )
+    assert rated["conversation"]["csat_score"] == 5
+    again = await cust.request({"op": "rate", "id": "r2", "conv": conv, "score": 4})
+    assert again["code"] == "already_rated" and again["retryable"] is False
+    await agent.close()
+    await cust.close()
