@@ -177,7 +177,8 @@ class Desk:
         )
         for conv in sorted(open_convs, key=lambda c: c.created_at):
             if conv.state is ConversationState.QUEUED:
-                await self.routing.enqueue(self._entry(conv, since=conv.updated_at))
+                left = conv.left_message_at is not None
+                await self.routing.enqueue(self._entry(conv, since=conv.updated_at, backlog=left))
                 self._positions_dirty.add(self._group_of(conv))
             elif conv.agent_id is not None:
                 await self.routing.reserve(conv.agent_id, conv.id, now, force=True)
@@ -560,6 +561,7 @@ class Desk:
 
     async def _offer_leave_message(self, conv: Conversation, reason: str, text: str) -> None:
         self.metrics.timer_actions.labels(kind="overflow").inc()
+        await self.store.mark_left_message(conv.id)  # a restart keeps it a left message
         default = {
             "out_of_hours": "We are closed now. Leave a message and we will answer when we open.",
             "no_agents": "No agent is available now. Leave a message and we will answer soon.",

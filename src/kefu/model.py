@@ -104,6 +104,8 @@ class Conversation:
     successor_id: str | None = None
     csat_score: int | None = None
     csat_comment: str | None = None
+    #: When the customer was offered leave-a-message in this stay in the queue (ms).
+    left_message_at: int | None = None
 
     def participants(self) -> tuple[str, ...]:
         """Users who receive this conversation's pushes."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 from kefu.errors import KefuError
-from kefu.model import Principal, Role
+from kefu.model import Agent, Principal, Role
+from kefu.server import Server
+from tests.conftest import make_config
 from tests.integration.test_desk import Harness, MakeDesk, hd, make_desk  # noqa: F401
 
 
@@ -202,3 +205,61 @@ async def test_a_full_queue_refuses_new_customers(make_desk: MakeDesk) -> None:
     assert await hd.server.node.routing.queue_length("general") == 2
     listing = await late.ok("convs", "conversations")
     assert listing["conversations"] == []  # nothing was created for them
+
+
+async def test_queues_come_back_after_a_restart(tmp_path: Path) -> None:
+    """The routing state is rebuilt from the store: waiting customers keep their place,
+    left messages stay left messages, assigned conversations stay with their agent."""
+    config = make_config(tmp_path / "data", sweep_interval=0.05, agent_offline_grace=30)
+    first = Server(config)
+    await first.start()
+    try:
+        desk = first.node.desk
+        await desk.save_agent(Agent(id="agent-a", name="A", capacity=1, groups=("general",)))
+        left, _ = await desk.open_for_customer(Principal("cust-0", Role.CUSTOMER), None, None, None)
+        await desk.route_opened(left)  # nobody online: a left message
+        await desk.agent_connected(Principal("agent-a", Role.AGENT))
+        await asyncio.sleep(0.2)  # the left message is assigned to agent-a, who is now full
+        waiting = []
+        for n in (1, 2):
+            conv, _ = await desk.open_for_customer(
+                Principal(f"cust-{n}", Role.CUSTOMER), None, None, None
+            )
+            await desk.route_opened(conv)
+            waiting.append(conv.id)
+        assert [e.conv for e in await first.node.routing.queue("general")] == waiting
+    finally:
+        await first.stop()
+
+    second = Server(config)
+    await second.start()
+    try:
+        routing = second.node.routing
+        queue = await routing.queue("general")
+        assert [(e.conv, e.backlog) for e in queue] == [(c, False) for c in waiting]
+        state = await routing.agent("agent-a")
+        assert state is not None and state.active == {left.id}
+        stored = await second.node.store.get_conversation(left.id)
+        assert stored is not None and stored.left_message_at is None  # assigned since
+    finally:
+        await second.stop()
+
+
+async def test_a_left_message_stays_one_after_a_restart(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", sweep_interval=0.05)
+    first = Server(config)
+    await first.start()
+    try:
+        conv, _ = await first.node.desk.open_for_customer(
+            Principal("cust-0", Role.CUSTOMER), None, None, None
+        )
+        await first.node.desk.route_opened(conv)  # no agent at all: leave a message
+    finally:
+        await first.stop()
+    second = Server(config)
+    await second.start()
+    try:
+        queue = await second.node.routing.queue("general")
+        assert [(e.conv, e.backlog) for e in queue] == [(conv.id, True)]
+    finally:
+        await second.stop()

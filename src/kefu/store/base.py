@@ -154,6 +154,11 @@ class MessageStore(abc.ABC):
         """Record the assigned agent's first reply (accepts the conversation too)."""
 
     @abc.abstractmethod
+    async def mark_left_message(self, conv_id: str) -> None:
+        """The queued customer was offered leave-a-message (kept across restarts; the next
+        transition out of the queue, or back into it, clears it)."""
+
+    @abc.abstractmethod
     async def set_labels(self, conv_id: str, labels: Collection[str]) -> Conversation:
         """Replace the conversation's labels."""
 

@@ -701,6 +701,14 @@ class SQLiteStore(MessageStore):
             agent_id,
         )
 
+    async def mark_left_message(self, conv_id: str) -> None:
+        await self._update_returning(
+            "UPDATE conversations SET left_message_at = COALESCE(left_message_at, ?) "
+            "WHERE id = ? AND state = 'queued'",
+            ids.now_ms(),
+            conv_id,
+        )
+
     async def set_labels(self, conv_id: str, labels: Collection[str]) -> Conversation:
         conv = await self._update_returning(
             "UPDATE conversations SET labels = ?, updated_at = ? WHERE id = ?",

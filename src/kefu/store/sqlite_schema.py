@@ -98,6 +98,7 @@ CONVERSATION_V2_COLUMNS = (
     ("csat_score", "INTEGER"),
     ("csat_comment", "TEXT"),
     ("csat_at", "INTEGER"),
+    ("left_message_at", "INTEGER"),
 )
 MIGRATIONS = {
     # version reached -> statements that take a database from the version before to it
@@ -228,6 +229,7 @@ def conversation_from_row(row: Sequence[Any]) -> Conversation:
         successor_id=values["successor_id"],
         csat_score=values["csat_score"],
         csat_comment=values["csat_comment"],
+        left_message_at=values["left_message_at"],
     )
 
 

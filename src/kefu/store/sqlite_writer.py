@@ -415,6 +415,8 @@ class BatchWriter:
         params: list[Param] = [job.to_state, now]
         if "agent_id" in job.sets:  # remember who had it
             assignments.append("previous_agent_id = COALESCE(agent_id, previous_agent_id)")
+        if job.to_state != "queued" or "agent_id" in job.sets:  # a new stay in the queue
+            assignments.append("left_message_at = NULL")
         for name, value in job.sets.items():
             assignments.append(f"{name} = ?")
             params.append(value)
