@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -145,6 +145,7 @@ class Desk:
         self._background: set[asyncio.Task[Any]] = set()
         self._opening: dict[tuple[str, str], _Gate] = {}  # customer, group -> open in progress
         self._conv_gates: dict[str, _Gate] = {}  # conversation -> desk operation in progress
+        self._unrouted: dict[str, int] = {}  # group -> opened, not yet queued
         #: Connections of agent users on this node, set up as agents or not (yet).
         self._connected_here: dict[str, int] = {}
 
@@ -509,29 +510,61 @@ class Desk:
         )
         if existing:
             return existing[0], False
-        if await self.routing.queue_length(group.id) >= self.settings.max_queued:
+        queued = await self.routing.queue_length(group.id)
+        if queued + self._unrouted.get(group.id, 0) >= self.settings.max_queued:
             self.metrics.queue_refused.labels(group=group.id).inc()
             raise KefuError(
                 f"the queue of group {group.id!r} is full: try again later",
                 code=ErrorCode.OVERLOADED,
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
-        conv = await self.store.create_conversation(
-            customer_id=principal.user_id,
-            group_id=group.id,
-            context_type=context_type,
-            context=context,
-        )
+        # Counted from here until route_opened queues it: concurrent opens see each other.
+        self._unrouted[group.id] = self._unrouted.get(group.id, 0) + 1
+        try:
+            conv = await self.store.create_conversation(
+                customer_id=principal.user_id,
+                group_id=group.id,
+                context_type=context_type,
+                context=context,
+            )
+        except BaseException:
+            self._routed(group.id)
+            raise
         self.emit("conversation.created", conv)
         return conv, True
+
+    def _routed(self, group_id: str) -> None:
+        left = self._unrouted.get(group_id, 0) - 1
+        if left > 0:
+            self._unrouted[group_id] = left
+        else:
+            self._unrouted.pop(group_id, None)
 
     async def route_opened(self, conv: Conversation) -> None:
         """Welcome and queue a conversation that a customer has just opened."""
         group = self.group(conv.group_id)
-        await self._route_new(conv, group, prefer=await self.store.latest_agent(conv.customer_id))
+        queued = False  # counted as opening until the queue holds it
+
+        def now_queued() -> None:
+            nonlocal queued
+            queued = True
+            self._routed(group.id)
+
+        try:
+            prefer = await self.store.latest_agent(conv.customer_id)
+            await self._route_new(conv, group, prefer=prefer, on_queued=now_queued)
+        finally:
+            if not queued:
+                self._routed(group.id)
 
     async def _route_new(
-        self, conv: Conversation, group: Group, *, prefer: str | None, data: Any = None
+        self,
+        conv: Conversation,
+        group: Group,
+        *,
+        prefer: str | None,
+        data: Any = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         """Welcome the customer and queue the conversation (live or as a left message)."""
         await self._system_message(conv, "queued", {"group": group.id, **(data or {})})
@@ -540,6 +573,8 @@ class Desk:
         backlog_reason = await self._backlog_reason(group)
         entry = self._entry(conv, prefer=prefer, backlog=backlog_reason is not None)
         await self.routing.enqueue(entry)
+        if on_queued is not None:
+            on_queued()
         if backlog_reason is not None:
             text = group.out_of_hours_message if backlog_reason == "out_of_hours" else ""
             await self._offer_leave_message(conv, backlog_reason, text)
@@ -622,7 +657,9 @@ class Desk:
                     stamps=["closed_at"],
                 )
         if conv.state is ConversationState.CLOSED or conv.successor_id is not None:
-            return await self.continue_closed(conv)
+            target = await self.continue_closed(conv)
+            # the one it continues in may itself wait on the customer: same rules there
+            return await self.before_customer_message(principal, target)
         return conv
 
     async def conversation_fresh(self, conv_id: str) -> Conversation:
@@ -667,16 +704,18 @@ class Desk:
         gate.users += 1
         try:
             async with gate.lock:  # the same gate as open: one open conversation per group
-                existing = await self.store.search_conversations(
-                    ConversationFilter(
-                        customer_id=conv.customer_id,
-                        group_id=group.id,
-                        states=tuple(OPEN_STATES),
-                    ),
-                    limit=1,
-                )
-                if existing:
-                    return existing[0]
+                fresh = await self.conversation_fresh(conv.id)
+                if fresh.successor_id is None:
+                    existing = await self.store.search_conversations(
+                        ConversationFilter(
+                            customer_id=conv.customer_id,
+                            group_id=group.id,
+                            states=tuple(OPEN_STATES),
+                        ),
+                        limit=1,
+                    )
+                    if existing:  # that one continues it: recorded, so resends land there too
+                        await self.store.link_successor(conv.id, existing[0].id)
                 while True:
                     successor, created = await self.store.successor(conv.id)
                     if created:
@@ -822,7 +861,8 @@ class Desk:
             await self.routing.release(agent_id, conv.id, now)
             if conv.agent_id is not None and conv.state in ACTIVE_STATES:
                 await self.routing.reserve(conv.agent_id, conv.id, now, force=True)
-                await self.routing.accepted(conv.agent_id, conv.id)
+                if conv.accepted_at is not None:
+                    await self.routing.accepted(conv.agent_id, conv.id)
             if queued is not None:
                 await self.routing.enqueue(queued, head=True)
             raise
@@ -1064,6 +1104,16 @@ class Desk:
         actor: Principal | None = None,
     ) -> Conversation:
         now = ids.now_ms()
+        if not await self.routing.holds(a.agent, a.conv):
+            # Released while this waited for the conversation (the agent went offline):
+            # put it back where it was, unless something else moved it on meanwhile.
+            self.metrics.assignment_failures.labels(reason="released").inc()
+            current = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
+            if current.state is ConversationState.QUEUED:
+                entry = self._entry(current, since=now - a.waited)
+                await self.routing.enqueue(entry, head=True)
+                self._queue_changed(a.group)
+            raise InvalidTransition(f"the assignment of {a.conv!r} was undone meanwhile")
         try:
             conv = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
             updated = await self._record(
@@ -1250,20 +1300,25 @@ class Desk:
 
     async def _accept_timeout(self, agent_id: str, conv_id: str) -> None:
         self.metrics.timer_actions.labels(kind="accept_timeout").inc()
-        try:
-            conv = await self.conversation(conv_id)
-            if conv.agent_id != agent_id or conv.accepted_at is not None:
-                await self.routing.accepted(agent_id, conv_id)
+        async with self.serialized(conv_id):
+            try:
+                conv = await self.conversation_fresh(conv_id)
+            except NotFound:
+                await self.routing.release(agent_id, conv_id, ids.now_ms())
                 return
-            # The agent is evidently not answering: they are set away (no new conversations
-            # until they say online again) and this one goes back to the queue head, for
-            # whoever is free first.
-            state = await self.routing.set_status(agent_id, AgentStatus.AWAY, ids.now_ms())
-            self._agent_changed(state)
-            await self.requeue(conv, reason="accept_timeout", head=True, if_agent=agent_id)
-            await self.push_agent(agent_id)
-        except InvalidTransition:
-            await self.routing.release(agent_id, conv_id, ids.now_ms())
+            if conv.agent_id != agent_id or conv.accepted_at is not None:
+                await self.routing.accepted(agent_id, conv_id)  # accepted or moved on: fine
+                return
+            try:
+                await self._requeue(conv, reason="accept_timeout", head=True, if_agent=agent_id)
+            except InvalidTransition:
+                await self.routing.release(agent_id, conv_id, ids.now_ms())
+                return
+        # The agent is evidently not answering: away (no new conversations until they say
+        # online again); this one went back to the queue head for whoever is free first.
+        state = await self.routing.set_status(agent_id, AgentStatus.AWAY, ids.now_ms())
+        self._agent_changed(state)
+        await self.push_agent(agent_id)
 
     async def _inactivity(self, now: int) -> None:
         s = self.settings

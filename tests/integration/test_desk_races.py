@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from kefu import ids
 from kefu.errors import KefuError
-from kefu.model import Agent, Principal, Role
+from kefu.model import Agent, AgentStatus, Principal, Role
 from kefu.server import Server
 from tests.conftest import make_config
 from tests.integration.test_desk import Harness, MakeDesk, hd, make_desk  # noqa: F401
@@ -263,3 +264,63 @@ async def test_a_left_message_stays_one_after_a_restart(tmp_path: Path) -> None:
         assert [(e.conv, e.backlog) for e in queue] == [(conv.id, True)]
     finally:
         await second.stop()
+
+
+async def test_a_message_to_a_closed_conversation_answers_a_wait(hd: Harness) -> None:
+    agent = await hd.agent("agent-1")
+    customer, closed = await hd.customer("cust-1")
+    await agent.event(closed, "assigned")
+    await agent.conv_op("close", conv=closed)
+    reopened = (await customer.conv_op("open"))["conv"]
+    await agent.event(reopened, "assigned")
+    await agent.conv_op("wait", conv=reopened)
+    ack = await customer.send_text(closed, "hello again")
+    assert ack["conv"] == reopened
+    assert (await hd.stored(reopened)).state.value == "assigned"  # customer_replied
+    assert (await hd.stored(closed)).successor_id == reopened  # resends follow the link
+
+
+async def test_an_assignment_undone_while_it_waited(make_desk: MakeDesk) -> None:
+    hd = await make_desk(sweep_interval=100.0)
+    agent = await hd.agent("agent-1")
+    await agent.ok("status", "agent", status="away")
+    _, conv = await hd.customer("cust-1")
+    desk = hd.desk
+    await desk.routing.set_status("agent-1", AgentStatus.ONLINE, ids.now_ms())  # no wake-up
+    dispatching = asyncio.ensure_future(desk.dispatch("general"))
+    await asyncio.sleep(0)  # the slot is taken; recording it waits for the conversation
+    await desk.set_status(Principal("agent-1", Role.AGENT), AgentStatus.OFFLINE)
+    assert await dispatching == 0
+    stored = await hd.stored(conv)
+    state = await desk.routing.agent("agent-1")
+    assert stored.state.value == "queued" and stored.agent_id is None
+    assert state is not None and not state.active
+    assert [e.conv for e in await desk.routing.queue("general")] == [conv]
+
+
+async def test_an_accept_racing_the_accept_timeout(make_desk: MakeDesk) -> None:
+    hd = await make_desk(sweep_interval=100.0)
+    agent = await hd.agent("agent-1")
+    _, conv = await hd.customer("cust-1")
+    await agent.event(conv, "assigned")
+    desk = hd.desk
+    current = await hd.stored(conv)
+    accepting = asyncio.ensure_future(desk.accept(Principal("agent-1", Role.AGENT), current))
+    await asyncio.sleep(0)
+    timing_out = asyncio.ensure_future(desk._accept_timeout("agent-1", conv))
+    await asyncio.gather(accepting, timing_out)
+    stored = await hd.stored(conv)
+    state = await desk.routing.agent("agent-1")
+    assert stored.agent_id == "agent-1" and stored.accepted_at is not None
+    assert state is not None and state.status is AgentStatus.ONLINE
+
+
+async def test_the_queue_bound_holds_under_concurrent_opens(make_desk: MakeDesk) -> None:
+    hd = await make_desk(max_queued=2)
+    customers = [await hd.connect(f"c{i}") for i in range(10)]
+    replies = await asyncio.gather(*(c.request("open") for c in customers))
+    opened = [r for r in replies if r["op"] == "conversation"]
+    assert len(opened) == 2, replies
+    assert all(r["code"] == "overloaded" for r in replies if r["op"] == "error")
+    await asyncio.sleep(0.2)
+    assert await hd.desk.routing.queue_length("general") == 2

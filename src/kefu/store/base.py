@@ -150,6 +150,11 @@ class MessageStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def link_successor(self, conv_id: str, successor_id: str) -> None:
+        """Record ``successor_id`` as the continuation of closed ``conv_id`` (unless it has
+        one already): later messages to the closed one follow the same link."""
+
+    @abc.abstractmethod
     async def stamp_response(self, conv_id: str, agent_id: str) -> Conversation | None:
         """Record the assigned agent's first reply (accepts the conversation too)."""
 

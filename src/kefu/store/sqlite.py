@@ -701,6 +701,14 @@ class SQLiteStore(MessageStore):
             agent_id,
         )
 
+    async def link_successor(self, conv_id: str, successor_id: str) -> None:
+        await self._update_returning(
+            "UPDATE conversations SET successor_id = ? "
+            "WHERE id = ? AND state = 'closed' AND successor_id IS NULL",
+            successor_id,
+            conv_id,
+        )
+
     async def mark_left_message(self, conv_id: str) -> None:
         await self._update_returning(
             "UPDATE conversations SET left_message_at = COALESCE(left_message_at, ?) "
