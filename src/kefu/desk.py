@@ -16,7 +16,8 @@ Background work, all in :meth:`Desk.tick` (every ``sweep_interval``) and the dis
 * the accept timeout: an unaccepted assignment goes to someone else;
 * overflow: customers waiting past the group's ``max_wait`` are offered leave-a-message;
 * customer inactivity: a warning, then the conversation is closed;
-* queue positions and estimated waits, pushed to waiting customers when they change.
+* queue positions and estimated waits, pushed to waiting customers when they change
+  (:mod:`kefu.positions`).
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ from kefu.model import (
     StoredMessage,
     Visibility,
 )
+from kefu.positions import QueuePositions
 from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import AgentState, Assignment, QueueEntry, RoutingBackend, RoutingError
 from kefu.store.base import ConversationFilter, MessageStore
-from kefu.views import conversation_info, message_frame
+from kefu.views import agent_frame, conversation_info, message_frame, message_json
 from kefu.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -75,13 +77,6 @@ INACTIVITY_SCAN_MAX = 30.0
 QUEUE_FULL_RETRY_AFTER = 30.0
 #: Most assignments recorded concurrently by one dispatch step.
 DISPATCH_BATCH = 64
-#: Queue-position pushes between two yields to the event loop (a long queue must not
-#: stall everyone else while its positions go out).
-POSITIONS_PER_SLICE = 256
-#: Estimated waits are pushed rounded to this many seconds (finer is noise).
-ESTIMATE_STEP = 5.0
-#: Weight of the newest interval in a group's moving average of assignment intervals.
-EWMA_WEIGHT = 0.2
 
 
 @dataclasses.dataclass(slots=True)
@@ -90,24 +85,6 @@ class _Gate:
 
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     users: int = 0
-
-
-@dataclasses.dataclass(slots=True)
-class _GroupPace:
-    """How fast a group's queue moves, for estimated waits."""
-
-    last_assignment: int = 0
-    interval_ms: float | None = None
-
-    def assigned(self, now: int) -> None:
-        if self.last_assignment:
-            gap = float(now - self.last_assignment)
-            self.interval_ms = (
-                gap
-                if self.interval_ms is None
-                else (1 - EWMA_WEIGHT) * self.interval_ms + EWMA_WEIGHT * gap
-            )
-        self.last_assignment = now
 
 
 class Desk:
@@ -134,11 +111,9 @@ class Desk:
         self.watchers: dict[str, set[str]] = {}
         self._dirty: set[str] = set()  # groups to dispatch
         self._wake = asyncio.Event()
-        self._positions_dirty: set[str] = set()
-        self._positions_wake = asyncio.Event()
-        #: conv -> (group, position, backlog, estimate) last pushed
-        self._positions: dict[str, tuple[str, int, bool, float | None]] = {}
-        self._pace: dict[str, _GroupPace] = {}
+        self.positions = QueuePositions(
+            self.settings, routing=routing, broker=broker, metrics=metrics
+        )
         self._warned: set[str] = set()
         self._inactivity_scanned = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -166,7 +141,7 @@ class Desk:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._dispatch_loop(), name="kefu-desk-dispatch"),
-            loop.create_task(self._positions_loop(), name="kefu-desk-positions"),
+            loop.create_task(self.positions.run(), name="kefu-desk-positions"),
             loop.create_task(self._tick_loop(), name="kefu-desk-timers"),
         ]
         self._dirty.update(self.groups)
@@ -180,7 +155,7 @@ class Desk:
             if conv.state is ConversationState.QUEUED:
                 left = conv.left_message_at is not None
                 await self.routing.enqueue(self._entry(conv, since=conv.updated_at, backlog=left))
-                self._positions_dirty.add(self._group_of(conv))
+                self.positions.changed(self._group_of(conv))
             elif conv.agent_id is not None:
                 await self.routing.reserve(conv.agent_id, conv.id, now, force=True)
                 if conv.accepted_at is not None:
@@ -447,7 +422,7 @@ class Desk:
     def _agent_changed(self, state: AgentState) -> None:
         self._dirty.update(state.groups)
         self._wake.set()
-        self._positions_dirty.update(state.groups)  # estimated waits depend on who is online
+        self.positions.changed(*state.groups)  # estimated waits depend on who is online
 
     async def set_status(self, principal: Principal, status: AgentStatus) -> AgentState:
         if principal.role is not Role.AGENT:
@@ -1136,7 +1111,7 @@ class Desk:
                 await self.routing.enqueue(self._entry(conv, since=now - a.waited), head=True)
             raise
         self.metrics.assignments.labels(how="pick" if event is Event.PICK else "auto").inc()
-        self._pace.setdefault(a.group, _GroupPace()).assigned(now)
+        self.positions.assigned(a.group, now)
         self._queue_changed(a.group)
         await self.push_agent(a.agent)
         return updated
@@ -1144,8 +1119,7 @@ class Desk:
     def _queue_changed(self, group: str) -> None:
         self._dirty.add(group)
         self._wake.set()
-        self._positions_dirty.add(group)
-        self._positions_wake.set()
+        self.positions.changed(group)
 
     async def dispatch(self, group_id: str) -> int:
         """Assign what can be assigned in the group now; returns how many."""
@@ -1196,67 +1170,6 @@ class Desk:
                     self._wake.set()
                 except Exception:
                     log.exception("dispatch of %s failed", group)
-
-    # -- queue positions --------------------------------------------------------------------------
-
-    async def _positions_loop(self) -> None:
-        while True:
-            await self._positions_wake.wait()
-            self._positions_wake.clear()
-            await asyncio.sleep(self.settings.queue_update_interval)  # coalesce a burst
-            groups, self._positions_dirty = self._positions_dirty, set()
-            for group in sorted(groups):
-                try:
-                    await self.push_positions(group)
-                except Exception:
-                    log.exception("queue positions of %s failed", group)
-
-    async def push_positions(self, group: str) -> int:
-        """Push each waiting customer of the group their position, if it changed."""
-        entries = await self.routing.queue(group)
-        pace = self._pace.get(group)
-        online = sum(
-            1
-            for a in await self.routing.agents()
-            if group in a.groups and a.effective is AgentStatus.ONLINE
-        )
-        pushed = 0
-        live = 0
-        for entry in entries:
-            if not entry.backlog:
-                live += 1
-            position = 0 if entry.backlog else live
-            estimate = None
-            if pace is not None and pace.interval_ms is not None and online and not entry.backlog:
-                seconds = position * pace.interval_ms / 1000
-                estimate = max(ESTIMATE_STEP, round(seconds / ESTIMATE_STEP) * ESTIMATE_STEP)
-            key = (group, position, entry.backlog, estimate)
-            if self._positions.get(entry.conv) == key:
-                continue
-            self._positions[entry.conv] = key
-            if pushed and pushed % POSITIONS_PER_SLICE == 0:
-                await asyncio.sleep(0)
-            self.broker.deliver(
-                [entry.customer],
-                encode(
-                    f.QueuePosition(
-                        conv=entry.conv,
-                        group=group,
-                        position=position,
-                        estimated_wait=estimate,
-                        backlog=entry.backlog,
-                    )
-                ),
-                ephemeral=True,
-            )
-            pushed += 1
-        queued = {e.conv for e in entries}
-        self.metrics.queue_length.labels(group=group).set(live)
-        gone = [c for c, key in self._positions.items() if key[0] == group and c not in queued]
-        for conv in gone:
-            del self._positions[conv]
-        self.metrics.queue_position_pushes.inc(pushed)
-        return pushed
 
     # -- timers -----------------------------------------------------------------------------------
 
@@ -1376,32 +1289,6 @@ class Desk:
                 for a in agents
             ],
         }
-
-
-def agent_frame(state: AgentState, request_id: f.RequestId | None = None) -> f.AgentInfo:
-    return f.AgentInfo(
-        agent=state.id,
-        status=state.status.value,
-        connected=state.connections > 0,
-        load=state.load,
-        capacity=state.capacity,
-        groups=sorted(state.groups),
-        id=request_id,
-    )
-
-
-def message_json(message: StoredMessage) -> dict[str, Any]:
-    """A stored message as webhook JSON."""
-    return {
-        "seq": message.seq,
-        "msg_id": message.msg_id,
-        "sender": message.sender,
-        "sender_role": message.sender_role,
-        "type": message.type,
-        "body": msgspec.json.decode(message.body),
-        "ts": message.ts,
-        "visibility": message.visibility,
-    }
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

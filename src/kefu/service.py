@@ -27,7 +27,7 @@ import msgspec
 from kefu import ids
 from kefu.broker import Broker
 from kefu.config import Config
-from kefu.desk import Desk, agent_frame
+from kefu.desk import Desk
 from kefu.errors import (
     ErrorCode,
     Forbidden,
@@ -51,7 +51,7 @@ from kefu.protocol import frames as f
 from kefu.protocol.server import encode, error_frame
 from kefu.session import Session
 from kefu.store.base import MessageStore
-from kefu.views import conversation_info, message_frame
+from kefu.views import agent_frame, conversation_info, message_frame
 
 log = logging.getLogger(__name__)
 

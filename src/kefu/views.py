@@ -1,11 +1,15 @@
-"""Wire views of domain records: the frames that show a message or a conversation."""
+"""Wire views of domain records: the frames (and webhook JSON) that show a message, a
+conversation or an agent."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
 from kefu.model import Conversation, StoredMessage
 from kefu.protocol import frames as f
+from kefu.routing import AgentState
 
 
 def message_frame(message: StoredMessage) -> f.Message:
@@ -41,3 +45,29 @@ def conversation_info(
         csat_score=conv.csat_score,
         successor=conv.successor_id,
     )
+
+
+def agent_frame(state: AgentState, request_id: f.RequestId | None = None) -> f.AgentInfo:
+    return f.AgentInfo(
+        agent=state.id,
+        status=state.status.value,
+        connected=state.connections > 0,
+        load=state.load,
+        capacity=state.capacity,
+        groups=sorted(state.groups),
+        id=request_id,
+    )
+
+
+def message_json(message: StoredMessage) -> dict[str, Any]:
+    """A stored message as webhook JSON."""
+    return {
+        "seq": message.seq,
+        "msg_id": message.msg_id,
+        "sender": message.sender,
+        "sender_role": message.sender_role,
+        "type": message.type,
+        "body": msgspec.json.decode(message.body),
+        "ts": message.ts,
+        "visibility": message.visibility,
+    }
