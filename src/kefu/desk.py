@@ -276,35 +276,9 @@ class Desk:
         stamps: Iterable[str] = (),
         first_stamps: Iterable[str] = (),
         also_notify: Iterable[str | None] = (),
-    ) -> Conversation:
-        """Apply ``event`` (compare-and-set in the store), push and emit it."""
-        updated, _ = await self._record_full(
-            conv,
-            event,
-            actor=actor,
-            data=data,
-            if_agent=if_agent,
-            sets=sets,
-            stamps=stamps,
-            first_stamps=first_stamps,
-            also_notify=also_notify,
-        )
-        return updated
-
-    async def _record_full(
-        self,
-        conv: Conversation,
-        event: Event,
-        *,
-        actor: Principal | None = None,
-        data: Mapping[str, Any] | None = None,
-        if_agent: str | None = None,
-        sets: Mapping[str, str | int | None] | None = None,
-        stamps: Iterable[str] = (),
-        first_stamps: Iterable[str] = (),
-        also_notify: Iterable[str | None] = (),
     ) -> tuple[Conversation, str | None]:
-        """:meth:`_record`, also returning the agent the store says held it just before."""
+        """Apply ``event`` (a compare-and-set in the store), push and emit it; returns the
+        updated conversation and the agent the store says held it just before."""
         next_state(conv.state, event)  # refuse early what the table refuses
         body = msgspec.json.encode(
             {"event": event.value, "data": {**(data or {}), "state": target(event).value}}
@@ -618,13 +592,14 @@ class Desk:
         async with self.serialized(conv.id):
             conv = await self._fresh(conv)
             if conv.state is ConversationState.WAITING:
-                return await self._record(conv, Event.CUSTOMER_REPLY, actor=principal)
+                replied, _ = await self._record(conv, Event.CUSTOMER_REPLY, actor=principal)
+                return replied
             if conv.state is ConversationState.RESOLVED:
                 window = self.settings.reopen_window * 1000
                 # strictly within: a window of 0 never reopens (even in the resolve's ms)
                 if conv.resolved_at is not None and ids.now_ms() - conv.resolved_at < window:
                     return await self._reopen(conv, principal)
-                conv = await self._record(
+                conv, _ = await self._record(
                     conv,
                     Event.CLOSE,
                     data={"reason": "expired"},
@@ -649,7 +624,7 @@ class Desk:
         held = agent is not None and await self.routing.holds(agent, conv.id)
         if agent is not None and (held or await self.routing.reserve(agent, conv.id, now)):
             try:
-                updated = await self._record(
+                updated, _ = await self._record(
                     conv,
                     Event.REOPEN_TO_AGENT,
                     actor=actor,
@@ -663,7 +638,7 @@ class Desk:
                 raise
             await self.push_agent(agent)
             return updated
-        updated = await self._record(
+        updated, _ = await self._record(
             conv, Event.REOPEN, actor=actor, sets={"agent_id": None, "accepted_at": None}
         )
         await self.routing.enqueue(self._entry(updated, prefer=agent))
@@ -740,7 +715,7 @@ class Desk:
             guard = self._require_holder(principal, conv)
             if conv.accepted_at is not None:
                 raise InvalidTransition("you have accepted this conversation already")
-            updated = await self._record(
+            updated, _ = await self._record(
                 conv, Event.ACCEPT, actor=principal, if_agent=guard, stamps=["accepted_at"]
             )
             if updated.agent_id is not None:
@@ -822,7 +797,7 @@ class Desk:
                 code=ErrorCode.AGENT_UNAVAILABLE,
             )
         try:
-            updated, previous = await self._record_full(
+            updated, previous = await self._record(
                 conv,
                 Event.TRANSFER,
                 actor=principal,
@@ -883,7 +858,7 @@ class Desk:
         data: dict[str, Any] = {"reason": reason, "from": conv.agent_id}
         if group is not None:
             data["group"] = group
-        updated, previous = await self._record_full(
+        updated, previous = await self._record(
             conv, Event.REQUEUE, actor=actor, data=data, if_agent=if_agent, sets=sets
         )
         now = ids.now_ms()
@@ -900,13 +875,14 @@ class Desk:
         async with self.serialized(conv.id):
             conv = await self._fresh(conv)
             guard = self._require_holder(principal, conv)
-            return await self._record(conv, Event.WAIT, actor=principal, if_agent=guard)
+            waiting, _ = await self._record(conv, Event.WAIT, actor=principal, if_agent=guard)
+            return waiting
 
     async def resolve(self, principal: Principal, conv: Conversation) -> Conversation:
         async with self.serialized(conv.id):
             conv = await self._fresh(conv)
             guard = self._require_holder(principal, conv)
-            updated, previous = await self._record_full(
+            updated, previous = await self._record(
                 conv, Event.RESOLVE, actor=principal, if_agent=guard, stamps=["resolved_at"]
             )
             await self._let_go(conv, previous)
@@ -920,7 +896,7 @@ class Desk:
             guard = None
             if principal is not None and principal.role is Role.AGENT:
                 guard = self._require_holder(principal, conv)
-            updated, previous = await self._record_full(
+            updated, previous = await self._record(
                 conv,
                 Event.CLOSE,
                 actor=principal,
@@ -950,7 +926,7 @@ class Desk:
             conv = await self._fresh(conv)
             if conv.agent_id == principal.user_id:
                 raise InvalidTransition("you hold this conversation already")
-            updated, previous = await self._record_full(
+            updated, previous = await self._record(
                 conv,
                 Event.TAKEOVER,
                 actor=principal,
@@ -1091,7 +1067,7 @@ class Desk:
             raise InvalidTransition(f"the assignment of {a.conv!r} was undone meanwhile")
         try:
             conv = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
-            updated = await self._record(
+            updated, _ = await self._record(
                 conv,
                 event,
                 actor=actor,
