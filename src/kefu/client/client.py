@@ -422,9 +422,12 @@ class Client:
         customer_id: str | None = None,
         group: str | None = None,
     ) -> f.ConversationInfo:
-        # `open` has no idempotency key: never repeated when its outcome is unknown.
+        # A customer's (or an admin's, on their behalf) open is idempotent: the server
+        # answers with their open conversation in the group. An agent's outreach is not:
+        # it is never repeated when its outcome is unknown.
+        outreach = self.hello is not None and self.hello.role == "agent"
         reply = await self._retrying(
-            f.Open(customer_id=customer_id, group=group), 3, idempotent=False
+            f.Open(customer_id=customer_id, group=group), 3, idempotent=not outreach
         )
         assert isinstance(reply, f.Conversation)
         self.last_seq.setdefault(reply.conversation.conv, 0)
