@@ -100,6 +100,32 @@ class WebhookSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    """Cluster mode: Redis for shared state, PostgreSQL as the system of record.
+
+    Both URLs empty: the embedded single-node mode. ``database_url`` alone: the embedded
+    node with PostgreSQL instead of SQLite.
+    """
+
+    #: ``redis://host:port/db`` for a standalone Redis, or a Redis Cluster seed list
+    #: ``redis://host1:port1,host2:port2,...`` (any reachable seed finds the others).
+    redis_url: str = ""
+    #: ``postgresql://user@host:port/database``.
+    database_url: str = ""
+    pg_pool_min: int = 2
+    pg_pool_max: int = 10
+    #: A PostgreSQL statement unanswered this long fails (retryably).
+    pg_command_timeout: float = 5.0
+    #: This node's share of the ring (background work and the load balancer's hashing).
+    node_weight: float = 1.0
+    #: Ring points per node of weight 1.
+    ring_vnodes: int = 100
+    #: Membership heartbeat period and the expiry of a node that stopped beating.
+    node_heartbeat: float = 2.0
+    node_ttl: float = 6.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything a node needs, built once at start-up and passed down."""
 
@@ -120,6 +146,7 @@ class Config:
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     service: ServiceSettings = dataclasses.field(default_factory=ServiceSettings)
     webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
+    cluster: ClusterSettings = dataclasses.field(default_factory=ClusterSettings)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with flat-named settings changed (``max_frame_bytes=...`` works)."""
@@ -132,6 +159,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreSettings,
     "service": ServiceSettings,
     "webhooks": WebhookSettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -230,6 +258,26 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.service.queue_update_interval >= 0, "queue_update_interval must be >= 0"),
         (cfg.service.sweep_interval > 0, "sweep_interval must be positive"),
+        (
+            not cfg.cluster.database_url
+            or cfg.cluster.database_url.startswith(("postgresql://", "postgres://")),
+            "database_url must be a postgresql:// URL",
+        ),
+        (
+            not cfg.cluster.redis_url or cfg.cluster.redis_url.startswith(("redis://", "rediss://")),
+            "redis_url must be a redis:// URL (a comma-separated seed list for Redis Cluster)",
+        ),
+        (
+            1 <= cfg.cluster.pg_pool_min <= cfg.cluster.pg_pool_max,
+            "need 1 <= pg_pool_min <= pg_pool_max",
+        ),
+        (cfg.cluster.pg_command_timeout > 0, "pg_command_timeout must be positive"),
+        (cfg.cluster.node_weight > 0, "node_weight must be positive"),
+        (cfg.cluster.ring_vnodes >= 1, "ring_vnodes must be positive"),
+        (
+            0 < cfg.cluster.node_heartbeat < cfg.cluster.node_ttl,
+            "need 0 < node_heartbeat < node_ttl",
+        ),
         (cfg.service.max_queued >= 1, "max_queued must be positive"),
         (
             all(u.startswith(("http://", "https://")) for u in cfg.webhooks.webhook_urls),

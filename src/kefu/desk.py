@@ -1055,7 +1055,15 @@ class Desk:
         actor: Principal | None = None,
     ) -> Conversation:
         now = ids.now_ms()
-        if not await self.routing.holds(a.agent, a.conv):
+        held = await self.routing.holds(a.agent, a.conv)
+        if held:
+            # The agent went offline after the routing picked them (their requeue may be
+            # waiting on a read): give it back now rather than assign and requeue it.
+            state = await self.routing.agent(a.agent)
+            if state is None or state.status is AgentStatus.OFFLINE:
+                await self.routing.release(a.agent, a.conv, now)
+                held = False
+        if not held:
             # Released while this waited for the conversation (the agent went offline):
             # put it back where it was, unless something else moved it on meanwhile.
             self.metrics.assignment_failures.labels(reason="released").inc()

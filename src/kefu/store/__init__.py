@@ -8,7 +8,19 @@ from kefu.store.base import MessageStore
 
 
 def create_store(config: Config, metrics: Metrics) -> MessageStore:
-    """The store the configuration names (embedded SQLite under ``data_dir`` for now)."""
+    """PostgreSQL when ``database_url`` is set, else embedded SQLite under ``data_dir``."""
+    if config.cluster.database_url:
+        from kefu.store.postgres import PostgresStore
+
+        return PostgresStore(
+            config.cluster.database_url,
+            metrics=metrics,
+            max_batch=config.store.commit_max_batch,
+            max_pending=config.store.max_pending_writes,
+            pool_min=config.cluster.pg_pool_min,
+            pool_max=config.cluster.pg_pool_max,
+            command_timeout=config.cluster.pg_command_timeout,
+        )
     from kefu.store.sqlite import SQLiteStore
 
     return SQLiteStore(

@@ -58,6 +58,7 @@ from kefu.model import (
     RoutingMode,
     StoredMessage,
 )
+from kefu.store import jobs
 from kefu.store import sqlite_writer as w
 from kefu.store.base import ConversationFilter, MessageStore
 from kefu.store.sqlite_schema import (
@@ -452,27 +453,27 @@ class SQLiteStore(MessageStore):
         raw = self._enqueue(job)
         assert self._loop is not None
         future: asyncio.Future[StoredMessage] = self._loop.create_future()
-        raw.add_done_callback(lambda done: _settle(future, done.result()))
+        raw.add_done_callback(lambda done: jobs.settle(future, done.result()))
         return future
 
     async def _write(self, job: w.Job) -> int:
         result = await self._enqueue(job)
         if isinstance(result, w.Failed):
-            raise _failure(result)
+            raise jobs.failure(result)
         assert isinstance(result, w.Done)
         return result.value
 
     async def _exec(self, sql: str, *params: Any) -> w.Rows:
         result = await self._enqueue(w.Exec(sql=sql, params=list(params)))
         if isinstance(result, w.Failed):
-            raise _failure(result)
+            raise jobs.failure(result)
         assert isinstance(result, w.Rows)
         return result
 
     async def _conversation_result(self, job: w.Job) -> w.Transitioned:
         result = await self._enqueue(job)
         if isinstance(result, w.Failed):
-            raise _failure(result)
+            raise jobs.failure(result)
         assert isinstance(result, w.Transitioned)
         self._remember(conversation_from_row(result.conv))
         return result
@@ -486,36 +487,14 @@ class SQLiteStore(MessageStore):
         context_type: str | None = None,
         context: bytes | None = None,
     ) -> Conversation:
-        conv = Conversation(
-            id=ids.new_id(),
+        conv = jobs.new_conversation(
             customer_id=customer_id,
             agent_id=agent_id,
             group_id=group_id,
-            state=ConversationState.ASSIGNED if agent_id else ConversationState.QUEUED,
             context_type=context_type,
             context=context,
-            created_at=ids.now_ms(),
         )
-        conv = dataclasses.replace(conv, updated_at=conv.created_at)
-        if agent_id:  # the agent started it: assigned and accepted at once
-            conv = dataclasses.replace(
-                conv,
-                assigned_at=conv.created_at,
-                first_assigned_at=conv.created_at,
-                accepted_at=conv.created_at,
-            )
-        await self._write(
-            w.Create(
-                id=conv.id,
-                customer_id=customer_id,
-                agent_id=agent_id,
-                group_id=group_id,
-                state=conv.state.value,
-                context_type=context_type,
-                context=context,
-                created_at=conv.created_at,
-            )
-        )
+        await self._write(jobs.create_job(conv))
         self._remember(conv)
         return conv
 
@@ -674,7 +653,7 @@ class SQLiteStore(MessageStore):
         )
         assert result.event is not None
         conv = conversation_from_row(result.conv)
-        return conv, _stored_message(result.event), result.previous_agent
+        return conv, jobs.stored_message(result.event), result.previous_agent
 
     async def successor(self, conv_id: str) -> tuple[Conversation, bool]:
         result = await self._conversation_result(w.Successor(conv=conv_id, new_id=ids.new_id()))
@@ -945,26 +924,3 @@ class SQLiteStore(MessageStore):
             return [CannedResponse(*r) for r in rows]
 
         return await self._read("list_canned", run)
-
-
-def _failure(result: w.Failed) -> KefuError:
-    if result.code == "not_found":
-        return NotFound(result.message)
-    if result.code == "invalid_transition":
-        return InvalidTransition(result.message)
-    return StoreError(result.message)
-
-
-def _settle(future: asyncio.Future[StoredMessage], result: w.Result) -> None:
-    if future.done():
-        return
-    if isinstance(result, w.Failed):
-        future.set_exception(_failure(result))
-    else:
-        assert isinstance(result, w.Stored)
-        future.set_result(_stored_message(result))
-
-
-def _stored_message(result: w.Stored) -> StoredMessage:
-    # Stored mirrors StoredMessage field for field (tests/unit/test_store_types.py).
-    return StoredMessage(*msgspec.structs.astuple(result))

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kefu.model import Conversation, ConversationState, StoredMessage
 
 T = TypeVar("T")
+
+
+class Row(Protocol):
+    """A database row: an sqlite3 tuple or an asyncpg Record."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -203,7 +214,7 @@ def pow2_chunks(items: list[T], largest: int = 64) -> Iterator[list[T]]:
 CONV_FIELDS = tuple(CONV_COLUMNS.split(", "))
 
 
-def conversation_from_row(row: Sequence[Any]) -> Conversation:
+def conversation_from_row(row: Row) -> Conversation:
     """A :class:`Conversation` from a row of CONV_COLUMNS."""
     values = dict(zip(CONV_FIELDS, row, strict=True))
     context = values["context"]
@@ -233,7 +244,7 @@ def conversation_from_row(row: Sequence[Any]) -> Conversation:
     )
 
 
-def message_from_row(row: Sequence[Any]) -> StoredMessage:
+def message_from_row(row: Row) -> StoredMessage:
     """A :class:`StoredMessage` from a row of MESSAGE_COLUMNS."""
     return StoredMessage(*message_row(row), visibility=row[9])
 
@@ -241,6 +252,6 @@ def message_from_row(row: Sequence[Any]) -> StoredMessage:
 MessageRow = tuple[str, int, str, str, str, "str | None", str, bytes, int]
 
 
-def message_row(row: Sequence[Any]) -> MessageRow:
+def message_row(row: Row) -> MessageRow:
     """A messages row, without visibility, its body as bytes (SQLite may give a memoryview)."""
     return (row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), row[8])

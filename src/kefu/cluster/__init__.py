@@ -1,0 +1,1 @@
+"""Cluster mode: membership, the consistent-hash ring, Redis-backed shared state."""

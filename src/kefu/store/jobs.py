@@ -1,0 +1,85 @@
+"""What both stores' writers share: turning write results into the interface's values.
+
+The job and result types themselves are msgspec Structs in :mod:`kefu.store.sqlite_writer`
+(they cross a pipe to the SQLite writer process); the PostgreSQL writer runs the same jobs
+in its own transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from kefu import ids
+from kefu.errors import InvalidTransition, KefuError, NotFound, StoreError
+from kefu.model import Conversation, ConversationState, StoredMessage
+from kefu.store import sqlite_writer as w
+
+
+def failure(result: w.Failed) -> KefuError:
+    """The exception a failed write result stands for."""
+    if result.code == "not_found":
+        return NotFound(result.message)
+    if result.code == "invalid_transition":
+        return InvalidTransition(result.message)
+    return StoreError(result.message)
+
+
+def settle(future: asyncio.Future[StoredMessage], result: w.Result) -> None:
+    """Resolve an append's future with its stored message, or fail it."""
+    if future.done():
+        return
+    if isinstance(result, w.Failed):
+        future.set_exception(failure(result))
+    else:
+        assert isinstance(result, w.Stored)
+        future.set_result(stored_message(result))
+
+
+def stored_message(result: w.Stored) -> StoredMessage:
+    # Stored mirrors StoredMessage field for field (tests/unit/test_store_types.py).
+    return StoredMessage(*msgspec.structs.astuple(result))
+
+
+def new_conversation(
+    *,
+    customer_id: str,
+    agent_id: str | None,
+    group_id: str | None,
+    context_type: str | None,
+    context: bytes | None,
+) -> Conversation:
+    """A new conversation: assigned (and accepted) when an agent starts it, else queued."""
+    now = ids.now_ms()
+    stamp = now if agent_id else None
+    return Conversation(
+        id=ids.new_id(),
+        customer_id=customer_id,
+        agent_id=agent_id,
+        group_id=group_id,
+        state=ConversationState.ASSIGNED if agent_id else ConversationState.QUEUED,
+        context_type=context_type,
+        context=context,
+        created_at=now,
+        updated_at=now,
+        assigned_at=stamp,
+        first_assigned_at=stamp,
+        accepted_at=stamp,
+    )
+
+
+def create_job(conv: Conversation) -> w.Create:
+    return w.Create(
+        id=conv.id,
+        customer_id=conv.customer_id,
+        agent_id=conv.agent_id,
+        group_id=conv.group_id,
+        state=conv.state.value,
+        context_type=conv.context_type,
+        context=conv.context,
+        created_at=conv.created_at,
+    )
+
+
+__all__ = ["create_job", "failure", "new_conversation", "settle", "stored_message"]
