@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,54 @@ from kefu.auth import issue_token
 from kefu.config import Config, build_config
 from kefu.server import Server
 
+pytest_plugins = ["tests.services"]  # throwaway Redis and PostgreSQL servers
+
 SECRET = "test-secret-0123456789-0123456789-abcdef"
+
+#: The backends the behaviour suites run against (docs/operations.md "Cluster mode").
+BACKENDS = ("embedded", "postgres")
+#: Modules whose every test runs once per backend: the protocol and customer-service
+#: behaviour suites. Other modules run on the embedded backend only.
+BACKEND_SUITES = frozenset(
+    {
+        "test_smoke",
+        "test_bad_input",
+        "test_client",
+        "test_protocol_doc",
+        "test_http",
+        "test_desk",
+        "test_desk_races",
+        "test_desk_webhooks",
+        "test_api",
+    }
+)
+#: Settings the current test's backend adds to every node config (see ``kefu_backend``).
+_backend_settings: dict[str, Any] = {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if "kefu_backend" in metafunc.fixturenames and module in BACKEND_SUITES:
+        metafunc.parametrize("kefu_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kefu_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which backend this test's nodes use: ``make_config`` adds its URLs."""
+    name: str = getattr(request, "param", "embedded")
+    settings: dict[str, Any] = {}
+    if name in ("postgres", "redis+postgres", "cluster+postgres"):
+        settings["database_url"] = request.getfixturevalue("postgres_url")
+    if name == "redis+postgres":
+        settings["redis_url"] = request.getfixturevalue("redis_url")
+    if name == "cluster+postgres":
+        settings["redis_url"] = request.getfixturevalue("redis_cluster").url
+    _backend_settings.clear()
+    _backend_settings.update(settings)
+    try:
+        yield name
+    finally:
+        _backend_settings.clear()
 
 
 def make_config(data_dir: Path, **overrides: Any) -> Config:
@@ -29,6 +76,7 @@ def make_config(data_dir: Path, **overrides: Any) -> Config:
         "use_uvloop": False,
         "shutdown_grace": 3.0,
     }
+    settings.update(_backend_settings)
     settings.update(overrides)
     return build_config(base=base, overrides=settings)
 

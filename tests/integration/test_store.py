@@ -1,6 +1,7 @@
 """The message-store contract, run against every store implementation.
 
-Today that is the embedded SQLite store; the cluster issue adds PostgreSQL to ``STORES``.
+The embedded SQLite store (its writer in a process or a thread) and PostgreSQL (a fresh
+database on the test run's throwaway server).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kefu.errors import NotFound, StoreClosed
 from kefu.metrics import Metrics
 from kefu.model import NewMessage, Role
 from kefu.store.base import MessageStore
+from kefu.store.postgres import PostgresStore
 from kefu.store.sqlite import SQLiteStore
 
 StoreFactory = Callable[[Path, Metrics], MessageStore]
@@ -28,8 +30,11 @@ STORES: dict[str, StoreFactory] = {
 }
 
 
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=[*sorted(STORES), "postgres"])
 def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return lambda path, metrics: PostgresStore(url, metrics=metrics)
     return STORES[request.param]
 
 
