@@ -20,7 +20,7 @@ pytest_plugins = ["tests.services"]  # throwaway Redis and PostgreSQL servers
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 
 #: The backends the behaviour suites run against (docs/operations.md "Cluster mode").
-BACKENDS = ("embedded", "postgres")
+BACKENDS = ("embedded", "postgres", "redis+postgres", "cluster+postgres")
 #: Modules whose every test runs once per backend: the protocol and customer-service
 #: behaviour suites. Other modules run on the embedded backend only.
 BACKEND_SUITES = frozenset(

@@ -24,17 +24,27 @@ class Broker(abc.ABC):
         ephemeral: bool = False,
         received: float = 0.0,
         exclude: Session | None = None,
+        offline: bool = False,
     ) -> None:
         """Push ``data`` to all connections of ``user_ids`` except ``exclude``.
 
         Delivery is best effort: chat messages are already stored and clients recover any
-        push they miss by ``sync``.
+        push they miss by ``sync``. ``offline``: keep it for recipients with no connection
+        anywhere (their offline inbox, drained into their next connection).
         """
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
+        return None
+
+    def session_opened(self, session: Session) -> None:
+        """An authenticated connection joined this node's Hub."""
+        return None
+
+    def session_closed(self, session: Session) -> None:
+        """A connection left this node's Hub."""
         return None
 
 
@@ -50,5 +60,6 @@ class LocalBroker(Broker):
         ephemeral: bool = False,
         received: float = 0.0,
         exclude: Session | None = None,
+        offline: bool = False,
     ) -> None:
         self.hub.push(user_ids, data, ephemeral=ephemeral, received=received, exclude=exclude)

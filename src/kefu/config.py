@@ -264,7 +264,8 @@ def _validate(cfg: Config) -> None:
             "database_url must be a postgresql:// URL",
         ),
         (
-            not cfg.cluster.redis_url or cfg.cluster.redis_url.startswith(("redis://", "rediss://")),
+            not cfg.cluster.redis_url
+            or cfg.cluster.redis_url.startswith(("redis://", "rediss://")),
             "redis_url must be a redis:// URL (a comma-separated seed list for Redis Cluster)",
         ),
         (

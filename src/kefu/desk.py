@@ -236,7 +236,10 @@ class Desk:
 
     def push_message(self, conv: Conversation, message: StoredMessage, **kw: Any) -> None:
         self.broker.deliver(
-            self.recipients(conv, internal=message.internal), encode(message_frame(message)), **kw
+            self.recipients(conv, internal=message.internal),
+            encode(message_frame(message)),
+            offline=True,
+            **kw,
         )
 
     def push_conversation(

@@ -14,6 +14,9 @@ Exception tree::
     ├── StoreError               the system of record failed; the operation is retryable
     │   ├── StoreClosed          the store is shutting down
     │   └── Overloaded           too many writes queued; retry after a short pause
+    ├── ClusterError             Redis (shared state, cross-node delivery) is unreachable
+    ├── EmptyRing                (kefu.cluster.ring) a ring lookup with no live node
+    ├── RoutingError             (kefu.routing) a queue or assignment operation refused
     └── ClientError              raised by kefu.client
         ├── RemoteError          the server answered a request with an error frame
         └── ConnectionClosed     the connection ended and will not be re-established
@@ -197,6 +200,12 @@ class StoreClosed(StoreError):
 
 class Overloaded(StoreError):
     code = ErrorCode.OVERLOADED
+
+
+class ClusterError(KefuError):
+    """The cluster's shared state (Redis) could not be reached; retry later."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
 
 
 class ClientError(KefuError):

@@ -157,6 +157,7 @@ class Gateway:
         session.principal = principal
         session.protocol.authenticated()
         self.hub.add(session)
+        self.service.broker.session_opened(session)
         session.send(
             f.Hello(
                 user=principal.user_id,
@@ -227,6 +228,8 @@ class Gateway:
             return
         self.hub.remove(session)
         principal = session.principal
+        if principal is not None:
+            self.service.broker.session_closed(session)
         if principal is not None and principal.role in (Role.AGENT, Role.ADMIN):
             task = asyncio.get_running_loop().create_task(
                 self.service.desk.agent_disconnected(principal, self.hub.count(principal.user_id))

@@ -215,6 +215,45 @@ class Metrics:
             "Webhook events waiting for delivery (all receivers).",
             registry=r,
         )
+        # -- cluster ---------------------------------------------------------------------------
+        self.cluster_nodes = Gauge(
+            "kefu_cluster_nodes", "Live nodes in the ring as this node sees it.", registry=r
+        )
+        self.ring_changes = Counter(
+            "kefu_ring_changes",
+            "Times this node's ring changed (a node joined, left or changed weight).",
+            registry=r,
+        )
+        self.cluster_publishes = Counter(
+            "kefu_cluster_publishes",
+            "Publishes to other nodes' inbox channels (one carries every push for that node "
+            "from one batch).",
+            registry=r,
+        )
+        self.cluster_commands = Counter(
+            "kefu_cluster_redis_commands",
+            "Redis commands sent by the cross-node delivery path, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.cluster_deliveries = Counter(
+            "kefu_cluster_deliveries",
+            "Pushes by path: local (this node's connections), remote (handed to another "
+            "node), received (from another node), inbox (stored for an offline user).",
+            ["path"],
+            registry=r,
+        )
+        self.cluster_errors = Counter(
+            "kefu_cluster_errors",
+            "Redis operations that failed, by operation (clients recover by sync).",
+            ["operation"],
+            registry=r,
+        )
+        self.cluster_redis_up = Gauge(
+            "kefu_cluster_redis_up",
+            "1 while this node's delivery subscription to Redis is established.",
+            registry=r,
+        )
         # Label children used on every message.
         self.message_result = Children(self.messages)  # (type, result)
         self.frame_op = Children(self.frames_in)  # (op,)

@@ -42,7 +42,7 @@ class Node:
         self.metrics = metrics or Metrics()
         self.store = store or create_store(config, self.metrics)
         self.hub = Hub()
-        self.broker = broker or LocalBroker(self.hub)
+        self.broker = broker or self._broker()
         self.webhooks = Webhooks(config.webhooks, self.metrics)
         self.routing = routing or MemoryRouting()
         self.desk = Desk(
@@ -59,6 +59,13 @@ class Node:
         self.gateway = Gateway(config, metrics=self.metrics, hub=self.hub, service=self.service)
         self._sweeper: asyncio.Task[None] | None = None
         self.draining = False
+
+    def _broker(self) -> Broker:
+        if not self.config.cluster.redis_url:
+            return LocalBroker(self.hub)
+        from kefu.cluster.broker import RedisBroker
+
+        return RedisBroker(self.hub, self.config, metrics=self.metrics)
 
     async def start(self) -> None:
         await self.store.start()

@@ -1,0 +1,343 @@
+"""Targeted cross-node delivery over Redis: one publish per node that holds a recipient.
+
+:meth:`RedisBroker.deliver` pushes to this node's own connections at once (the Hub), then
+hands the frame to a publisher task. The publisher takes everything queued since its last
+round, looks the recipients up in the presence registry (one pipelined ``HVALS`` per
+distinct user) and publishes **one** message to each node that holds at least one of them
+(``PUBLISH`` on a standalone Redis, sharded ``SPUBLISH`` on Redis Cluster, so a node's
+channel lives on one shard and no other node receives it). A publish carries every frame
+of the round for that node. A user with no live connection anywhere gets chat messages
+in their offline inbox (a capped LIST), drained into their next connection.
+
+Each node subscribes to its own channel only. When that subscription breaks (Redis
+restarted or failed over) the node resubscribes with jittered backoff, writes its presence
+again and sends every connection a ``resync`` notice: pushes may have been lost, and the
+client syncs by seq. Push is the fast path; sync is the guarantee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from kefu.broker import Broker
+from kefu.cluster import redis_client as rc
+from kefu.cluster.membership import Membership, node_of
+from kefu.cluster.presence import Presence
+from kefu.config import Config
+from kefu.errors import ClusterError
+from kefu.hub import Hub
+from kefu.metrics import Metrics
+from kefu.protocol import frames as f
+from kefu.session import Session
+
+log = logging.getLogger(__name__)
+
+#: Most frames one publisher round takes.
+ROUND_FRAMES = 1024
+#: Chat pushes kept per offline user, and for how long.
+INBOX_LIMIT = 200
+INBOX_TTL_MS = 7 * 24 * 3600 * 1000
+BACKOFF_INITIAL = 0.05
+BACKOFF_MAX = 5.0
+#: How long a starting node keeps trying to reach Redis before it gives up.
+CONNECT_PATIENCE = 30.0
+
+RESYNC_NOTICE = msgspec.json.encode(
+    f.Notice(code="resync", text="pushes may have been missed: sync every conversation")
+)
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """One frame for some users of the receiving node."""
+
+    users: list[str]
+    data: bytes
+    ephemeral: bool
+    #: Wall-clock time (s) the frame's message entered the cluster; 0: not timed.
+    received: float
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[Envelope]).decode
+
+
+class _Outgoing(msgspec.Struct, array_like=True):
+    users: list[str]
+    data: bytes
+    ephemeral: bool
+    received: float
+    offline: bool
+
+
+class RedisBroker(Broker):
+    """The cluster broker; it also owns this node's membership and presence (see module)."""
+
+    def __init__(self, hub: Hub, config: Config, *, metrics: Metrics) -> None:
+        self.hub = hub
+        self.config = config
+        self.url = config.cluster.redis_url
+        self.metrics = metrics
+        self.node_id = config.node_id
+        self.channel = rc.node_channel(self.node_id)
+        self.cluster = False
+        self._client: rc.RedisClient | None = None
+        self._membership: Membership | None = None
+        self._presence: Presence | None = None
+        self._outbox: list[_Outgoing] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+
+    @property
+    def client(self) -> rc.RedisClient:
+        assert self._client is not None, "the broker is not started"
+        return self._client
+
+    @property
+    def membership(self) -> Membership:
+        assert self._membership is not None, "the broker is not started"
+        return self._membership
+
+    @property
+    def presence(self) -> Presence:
+        assert self._presence is not None, "the broker is not started"
+        return self._presence
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (retrying for ``CONNECT_PATIENCE`` seconds), join, subscribe."""
+        deadline = time.monotonic() + CONNECT_PATIENCE
+        backoff = BACKOFF_INITIAL
+        while True:
+            try:
+                self._client, self.cluster = await rc.connect(self.url)
+                break
+            except rc.REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"cannot reach Redis at {self.url}: {exc}") from exc
+                log.warning("Redis not reachable yet (%s): retrying", exc)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        settings = self.config.cluster
+        self._membership = Membership(
+            self._client,
+            self.node_id,
+            metrics=self.metrics,
+            weight=settings.node_weight,
+            url=f"http://{self.config.host}:{self.config.port}",
+            heartbeat=settings.node_heartbeat,
+            ttl=settings.node_ttl,
+            vnodes=settings.ring_vnodes,
+            connections=lambda: len(self.hub),
+        )
+        self._presence = Presence(
+            self._client, self._membership.incarnation, self.hub, metrics=self.metrics
+        )
+        self._membership.purge = self._presence.purge
+        await self._presence.start()
+        await self._membership.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._publish_loop(), name="kefu-publisher"),
+            loop.create_task(self._subscribe_loop(), name="kefu-subscriber"),
+        ]
+        with contextlib.suppress(TimeoutError):  # delivery starts when Redis answers
+            await asyncio.wait_for(self._subscribed.wait(), 5.0)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._presence is not None:
+            await self._presence.close()
+        if self._membership is not None:
+            await self._membership.close()
+        if self._client is not None:
+            with contextlib.suppress(*rc.REDIS_ERRORS):
+                await self._client.aclose()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def session_opened(self, session: Session) -> None:
+        self.presence.opened(session.user_id, session.id)
+        asyncio.get_running_loop().create_task(self._drain_inbox(session))
+
+    def session_closed(self, session: Session) -> None:
+        self.presence.closed(session.user_id, session.id)
+
+    async def _drain_inbox(self, session: Session) -> None:
+        key = rc.inbox(session.user_id)
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
+            frames, _ = await pipe.execute()
+        except rc.REDIS_ERRORS as exc:
+            self.metrics.cluster_errors.labels(operation="inbox").inc()
+            log.warning("inbox of %s not drained: %s", session.user_id, exc)
+            return
+        for data in frames:
+            session.push(bytes(data))
+
+    # -- sending --------------------------------------------------------------------------
+
+    def deliver(
+        self,
+        user_ids: Iterable[str],
+        data: bytes,
+        *,
+        ephemeral: bool = False,
+        received: float = 0.0,
+        exclude: Session | None = None,
+        offline: bool = False,
+    ) -> None:
+        users = list(user_ids)
+        pushed = self.hub.push(users, data, ephemeral=ephemeral, received=received, exclude=exclude)
+        if pushed:
+            self.metrics.cluster_deliveries.labels(path="local").inc(pushed)
+        if len(self.membership.members) == 1 and not offline:
+            return  # this node alone: every connection is here
+        wall = time.time() - (time.perf_counter() - received) if received else 0.0
+        self._outbox.append(_Outgoing(users, data, ephemeral, wall, offline))
+        self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                batch = self._outbox[:ROUND_FRAMES]
+                del self._outbox[:ROUND_FRAMES]
+                try:
+                    await self._publish(batch)
+                except rc.REDIS_ERRORS as exc:
+                    # Those pushes are lost; the frames are stored and clients sync.
+                    self.metrics.cluster_errors.labels(operation="publish").inc()
+                    log.warning("publish of %d frames failed: %s", len(batch), exc)
+
+    async def _publish(self, batch: list[_Outgoing]) -> None:
+        users = {u for item in batch for u in item.users}
+        where = await self.presence.lookup(users)
+        live = self.membership.is_live
+        per_node: dict[str, list[Envelope]] = {}
+        inbox: list[tuple[str, bytes]] = []
+        for item in batch:
+            targets: dict[str, list[str]] = {}
+            for user in item.users:
+                holders = [m for m in where.get(user, ()) if live(m)]
+                for member in holders:
+                    node = node_of(member)
+                    if node != self.node_id:
+                        targets.setdefault(node, []).append(user)
+                if item.offline and not holders and not self.hub.count(user):
+                    inbox.append((user, item.data))
+            for node, node_users in targets.items():
+                per_node.setdefault(node, []).append(
+                    Envelope(sorted(set(node_users)), item.data, item.ephemeral, item.received)
+                )
+        if not per_node and not inbox:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for node, envelopes in per_node.items():
+            payload = _encode(envelopes)
+            if self.cluster:
+                pipe.spublish(rc.node_channel(node), payload)
+            else:
+                pipe.publish(rc.node_channel(node), payload)
+        for user, data in inbox:
+            key = rc.inbox(user)
+            pipe.rpush(key, data)
+            pipe.ltrim(key, -INBOX_LIMIT, -1)
+            pipe.pexpire(key, INBOX_TTL_MS)
+        self.metrics.cluster_commands.labels(kind="publish").inc(len(per_node))
+        self.metrics.cluster_commands.labels(kind="inbox").inc(3 * len(inbox))
+        await pipe.execute()
+        self.metrics.cluster_publishes.inc(len(per_node))
+        self.metrics.cluster_deliveries.labels(path="remote").inc(
+            sum(len(e) for e in per_node.values())
+        )
+        if inbox:
+            self.metrics.cluster_deliveries.labels(path="inbox").inc(len(inbox))
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _subscriber(self) -> Redis:
+        """A plain connection to the server that carries this node's channel."""
+        target = rc.parse_url(self.url)
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(self.channel)
+            if node is None:
+                raise RedisConnectionError(f"no Redis Cluster node serves {self.channel}")
+            host, port = str(node.host), int(node.port)
+        else:
+            host, port = target.seeds[0]
+        return rc.standalone(host, port, target, health_check_interval=5)
+
+    async def _subscribe_loop(self) -> None:
+        backoff = BACKOFF_INITIAL
+        first = True
+        while True:
+            conn: Redis | None = None
+            pubsub: PubSub | None = None
+            try:
+                conn = self._subscriber()
+                pubsub = conn.pubsub()
+                if self.cluster:
+                    await pubsub.ssubscribe(self.channel)
+                else:
+                    await pubsub.subscribe(self.channel)
+                if not first or self.presence.dirty:
+                    await self.presence.resync()
+                    self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
+                first = False
+                self._subscribed.set()
+                self.metrics.cluster_redis_up.set(1)
+                backoff = BACKOFF_INITIAL
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and rc.text(message["type"]) in ("message", "smessage"):
+                        self._received(message["data"])
+                    elif self.presence.dirty:
+                        await self.presence.resync()
+            except rc.REDIS_ERRORS as exc:
+                self.metrics.cluster_redis_up.set(0)
+                self.metrics.cluster_errors.labels(operation="subscribe").inc()
+                log.warning("delivery subscription lost (%s): resubscribing", exc)
+                if isinstance(self.client, RedisCluster):
+                    with contextlib.suppress(*rc.REDIS_ERRORS):
+                        await self.client.initialize()  # the slot may have moved
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(*rc.REDIS_ERRORS):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if conn is not None:
+                    with contextlib.suppress(*rc.REDIS_ERRORS):
+                        await conn.aclose()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _received(self, payload: bytes) -> None:
+        try:
+            envelopes = _decode(payload)
+        except msgspec.DecodeError:  # pragma: no cover - only Kefu nodes publish here
+            log.error("undecodable delivery on %s", self.channel)
+            return
+        now_wall, now = time.time(), time.perf_counter()
+        for env in envelopes:
+            received = now - max(0.0, now_wall - env.received) if env.received else 0.0
+            pushed = self.hub.push(env.users, env.data, ephemeral=env.ephemeral, received=received)
+            self.metrics.cluster_deliveries.labels(path="received").inc(pushed)

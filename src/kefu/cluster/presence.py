@@ -1,0 +1,152 @@
+"""The presence registry: which node holds each user's connections (the truth for delivery).
+
+``kefu:presence:{user}`` is a HASH connection id -> incarnation (``node_id/random``), and
+``kefu:member-users:{incarnation}`` the SET of users that incarnation has connections of,
+so that a dead node's entries can be purged without scanning every user.
+
+Writes happen off the connection path, in order, in pipelines: a connection's
+registration never waits for Redis. When Redis fails or comes back empty, this node's
+whole share is written again (:meth:`Presence.resync`) from its Hub, which is the truth
+for its own connections; until then a missed push is recovered by the clients' sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from kefu.cluster import redis_client as rc
+from kefu.hub import Hub
+from kefu.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: Registrations written per pipeline.
+WRITE_BATCH = 500
+
+
+class Presence:
+    def __init__(
+        self, client: rc.RedisClient, incarnation: str, hub: Hub, *, metrics: Metrics
+    ) -> None:
+        self.client = client
+        self.incarnation = incarnation
+        self.hub = hub
+        self.metrics = metrics
+        # (user, connection id, opened?) in the order they happened
+        self._pending: list[tuple[str, str, bool]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: A write failed: the whole share must be written again.
+        self.dirty = False
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="kefu-presence")
+
+    async def close(self) -> None:
+        """Remove this node's entries (a graceful stop), then stop writing."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(*rc.REDIS_ERRORS):
+            await self.purge(self.incarnation)
+
+    def opened(self, user_id: str, conn_id: str) -> None:
+        self._pending.append((user_id, conn_id, True))
+        self._wake.set()
+
+    def closed(self, user_id: str, conn_id: str) -> None:
+        self._pending.append((user_id, conn_id, False))
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:WRITE_BATCH]
+                del self._pending[:WRITE_BATCH]
+                try:
+                    await self._write(batch)
+                except rc.REDIS_ERRORS as exc:
+                    self.dirty = True
+                    self.metrics.cluster_errors.labels(operation="presence").inc()
+                    log.warning("presence: write failed (%s): will resync", exc)
+
+    async def _write(self, batch: list[tuple[str, str, bool]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        users = rc.member_users(self.incarnation)
+        for user, conn, opened in batch:
+            if opened:
+                pipe.hset(rc.presence(user), conn, self.incarnation)
+                pipe.sadd(users, user)
+            else:
+                pipe.hdel(rc.presence(user), conn)
+                if not self.hub.count(user):
+                    pipe.srem(users, user)
+        self.metrics.cluster_commands.labels(kind="presence").inc(len(pipe))
+        await pipe.execute()
+
+    async def lookup(self, user_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The incarnations holding each user's connections (possibly dead ones)."""
+        users = list(user_ids)
+        pipe = self.client.pipeline(transaction=False)
+        for user in users:
+            pipe.hvals(rc.presence(user))
+        self.metrics.cluster_commands.labels(kind="lookup").inc(len(users))
+        found = await pipe.execute()
+        return {
+            user: [rc.text(v) for v in values] for user, values in zip(users, found, strict=True)
+        }
+
+    async def purge(self, member: str) -> None:
+        """Remove every presence entry of incarnation ``member`` (dead, or this one closing)."""
+        users_key = rc.member_users(member)
+        users = [rc.text(u) for u in await self.client.smembers(users_key)]
+        for start in range(0, len(users), WRITE_BATCH):
+            chunk = users[start : start + WRITE_BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for user in chunk:
+                pipe.hgetall(rc.presence(user))
+            entries = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            for user, fields in zip(chunk, entries, strict=True):
+                stale = [conn for conn, holder in fields.items() if rc.text(holder) == member]
+                if stale:
+                    pipe.hdel(rc.presence(user), *stale)
+            if len(pipe):
+                await pipe.execute()
+        await self.client.delete(users_key)
+
+    async def resync(self) -> None:
+        """Make Redis hold exactly this node's connections for this incarnation."""
+        self._pending.clear()  # the Hub is newer than anything queued
+        users_key = rc.member_users(self.incarnation)
+        known = {rc.text(u) for u in await self.client.smembers(users_key)}
+        users = sorted(known | set(self.hub.users()))
+        for start in range(0, len(users), WRITE_BATCH):
+            chunk = users[start : start + WRITE_BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for user in chunk:
+                pipe.hgetall(rc.presence(user))
+            entries = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            for user, fields in zip(chunk, entries, strict=True):
+                mine = {s.id for s in self.hub.sessions(user)}
+                stale = [
+                    conn
+                    for conn, holder in fields.items()
+                    if rc.text(holder) == self.incarnation and rc.text(conn) not in mine
+                ]
+                if stale:
+                    pipe.hdel(rc.presence(user), *stale)
+                if mine:
+                    pipe.hset(rc.presence(user), mapping=dict.fromkeys(mine, self.incarnation))
+                    pipe.sadd(users_key, user)
+                else:
+                    pipe.srem(users_key, user)
+            await pipe.execute()
+        self.dirty = False

@@ -1,0 +1,249 @@
+"""Several nodes on one Redis (standalone and Redis Cluster) and one PostgreSQL: targeted
+cross-node delivery, multi-device across nodes, the offline inbox, membership and purges.
+
+The nodes run in this process (each its own Server on its own port); the failure tests
+with real processes are in test_cluster_failures.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from kefu.cluster import redis_client as rc
+from kefu.cluster.broker import RedisBroker
+from kefu.server import Server
+from tests.conftest import RawClient, make_config, open_conversation, token
+from tests.services import RedisClusterServers, RedisServer
+
+Nodes = list[Server]
+
+
+def broker(server: Server) -> RedisBroker:
+    b = server.node.broker
+    assert isinstance(b, RedisBroker)
+    return b
+
+
+def sample(server: Server, name: str, **labels: str) -> float:
+    return server.node.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_for_cluster(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return url
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    cluster.flushall()
+    return cluster.url
+
+
+StartNodes = Callable[..., Awaitable[Nodes]]
+
+
+@pytest.fixture
+async def start_nodes(
+    tmp_path: Path, postgres_url: str, redis_for_cluster: str
+) -> AsyncIterator[StartNodes]:
+    started: list[Server] = []
+
+    async def _start(count: int, **settings: Any) -> Nodes:
+        servers = []
+        for i in range(len(started), len(started) + count):
+            config = make_config(
+                tmp_path / f"n{i}",
+                node_id=f"n{i}",
+                database_url=postgres_url,
+                redis_url=redis_for_cluster,
+                node_heartbeat=0.2,
+                node_ttl=1.0,
+                **settings,
+            )
+            server = Server(config)
+            await server.start()
+            started.append(server)
+            servers.append(server)
+
+        async def all_see_each_other() -> bool:
+            return all(len(broker(s).membership.ring) == len(started) for s in started)
+
+        await eventually(all_see_each_other)
+        return servers
+
+    yield _start
+    for server in reversed(started):
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+Connect = Callable[..., Awaitable[RawClient]]
+
+
+@pytest.fixture
+def connect_to(http: aiohttp.ClientSession) -> Connect:
+    async def _connect(server: Server, user: str, role: str = "customer") -> RawClient:
+        url = f"{server.url}/ws?user_id={user}&token={token(user, role)}"
+        client = RawClient(await http.ws_connect(url))
+        assert (await client.recv())["op"] == "hello"
+        return client
+
+    return _connect
+
+
+def send(conv: str, n: int, text: str = "") -> dict[str, Any]:
+    return {
+        "op": "send",
+        "id": n,
+        "conv": conv,
+        "client_msg_id": f"m{n}",
+        "type": "text",
+        "body": {"text": text or f"message {n}"},
+    }
+
+
+async def test_cross_node_chat_reaches_only_the_nodes_that_hold_a_recipient(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1, n2 = await start_nodes(3)
+    customer = await connect_to(n0, "cust-x", "customer")
+    agent = await connect_to(n1, "agent-x", "agent")
+    conv = await open_conversation(agent, "cust-x")
+    assert (await customer.recv_op("conversation"))["conversation"]["conv"] == conv
+
+    for n in range(1, 21):
+        sender, receiver = (customer, agent) if n % 2 else (agent, customer)
+        ack = await sender.request(send(conv, n))
+        assert ack["op"] == "ack", ack
+        push = await receiver.recv_op("message")
+        assert (push["seq"], push["body"]["text"]) == (ack["seq"], f"message {n}")
+    # n2 holds nobody of this conversation: it received nothing at all.
+    assert sample(n2, "kefu_cluster_deliveries_total", path="received") == 0
+    assert sample(n0, "kefu_cluster_deliveries_total", path="received") >= 10
+    assert sample(n1, "kefu_cluster_deliveries_total", path="received") >= 10
+    # One publish per message and target node (plus the conversation's own pushes).
+    published = sum(sample(s, "kefu_cluster_publishes_total") for s in (n0, n1, n2))
+    assert 20 <= published <= 30, published
+    page = await customer.request({"op": "sync", "id": 99, "conv": conv, "after_seq": 0})
+    assert [m["seq"] for m in page["messages"]] == list(range(1, 21))
+
+
+async def test_every_device_of_a_user_gets_the_push_whatever_its_node(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1, n2 = await start_nodes(3)
+    phone = await connect_to(n0, "cust-m", "customer")
+    laptop = await connect_to(n2, "cust-m", "customer")
+    agent = await connect_to(n1, "agent-m", "agent")
+    conv = await open_conversation(agent, "cust-m")
+    for device in (phone, laptop):
+        assert (await device.recv_op("conversation"))["conversation"]["conv"] == conv
+    ack = await agent.request(send(conv, 1, "to both"))
+    for device in (phone, laptop):
+        push = await device.recv_op("message")
+        assert (push["seq"], push["body"]["text"]) == (ack["seq"], "to both")
+    # A customer's own message reaches their other device on the other node too.
+    mine = await phone.request(send(conv, 2, "from the phone"))
+    echo = await laptop.recv_op("message")
+    assert (echo["seq"], echo["sender"]) == (mine["seq"], "cust-m")
+
+
+async def test_an_offline_user_finds_the_messages_in_the_inbox_on_connect(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1 = await start_nodes(2)
+    customer = await connect_to(n0, "cust-o", "customer")
+    agent = await connect_to(n1, "agent-o", "agent")
+    conv = await open_conversation(agent, "cust-o")
+    await customer.close()
+
+    async def gone() -> bool:
+        found = await broker(n1).presence.lookup(["cust-o"])
+        return not found["cust-o"]
+
+    await eventually(gone)
+    acks = [await agent.request(send(conv, n, f"while away {n}")) for n in (1, 2, 3)]
+
+    async def kept() -> bool:
+        return int(await broker(n1).client.llen(rc.inbox("cust-o"))) == 3
+
+    await eventually(kept)
+    back = await connect_to(n1, "cust-o", "customer")
+    pushed = [await back.recv_op("message") for _ in acks]
+    assert [p["seq"] for p in pushed] == [a["seq"] for a in acks]
+    assert await broker(n1).client.exists(rc.inbox("cust-o")) == 0  # drained
+
+
+async def test_a_dead_nodes_presence_is_purged_and_the_ring_shrinks(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1, n2 = await start_nodes(3)
+    await connect_to(n2, "cust-d", "customer")
+    dead = broker(n2)
+
+    async def registered() -> bool:
+        return bool((await broker(n0).presence.lookup(["cust-d"]))["cust-d"])
+
+    await eventually(registered)
+    old_version = broker(n0).membership.ring.version
+    # n2 stops beating without cleaning up (as if killed): cancel its tasks only.
+    tasks = [*dead._tasks, dead.membership._task, dead.presence._task]
+    for task in tasks:
+        assert task is not None
+        task.cancel()
+
+    async def purged() -> bool:
+        rings_shrunk = all(len(broker(s).membership.ring) == 2 for s in (n0, n1))
+        left = (await broker(n0).presence.lookup(["cust-d"]))["cust-d"]
+        return rings_shrunk and not left
+
+    await eventually(purged, timeout=15)
+    assert broker(n0).membership.ring.version == broker(n1).membership.ring.version
+    assert broker(n0).membership.ring.version != old_version
+    members = await broker(n0).client.zrange(rc.MEMBERS, 0, -1)
+    assert dead.membership.incarnation.encode() not in members
+
+
+async def test_nodes_agree_on_the_ring_and_weights_shape_it(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    nodes = [*(await start_nodes(2)), *(await start_nodes(1, node_weight=2.0))]
+    versions = {broker(s).membership.ring.version for s in nodes}
+    assert len(versions) == 1
+    ring = broker(nodes[0]).membership.ring
+    assert ring.points_of("n2") == 2 * ring.points_of("n0")
+
+
+async def test_subscriber_connection_is_plain_redis_on_the_channels_shard(
+    start_nodes: StartNodes,
+) -> None:
+    (n0,) = await start_nodes(1)
+    b = broker(n0)
+    conn = b._subscriber()
+    try:
+        assert isinstance(conn, aioredis.Redis)
+        await conn.ping()
+    finally:
+        await conn.aclose()
+
+
+async def test_redis_server_helper_is_used(redis_server: RedisServer) -> None:
+    assert redis_server.running
