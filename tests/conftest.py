@@ -56,7 +56,9 @@ def kefu_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     if name == "redis+postgres":
         settings["redis_url"] = request.getfixturevalue("redis_url")
     if name == "cluster+postgres":
-        settings["redis_url"] = request.getfixturevalue("redis_cluster").url
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        settings["redis_url"] = cluster.url
     _backend_settings.clear()
     _backend_settings.update(settings)
     try:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -25,10 +26,22 @@ def free_port() -> int:
 class NodeProcess:
     """``python -m kefu serve`` on a fixed port and data dir; start, kill, restart."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *settings: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *settings: str,
+        node_id: str | None = None,
+        log_level: str = "WARNING",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.settings = settings
+        #: ``--node-id`` (default ``proc-PORT``), the node's log level and extra environment.
+        self.node_id = node_id or f"proc-{self.port}"
+        self.log_level = log_level
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"node-{self.port}.log"
 
@@ -37,7 +50,8 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 20.0) -> None:
-        env = dict(os.environ, KEFU_JWT_SECRET=SECRET, KEFU_LOG_LEVEL="WARNING")
+        env = dict(os.environ, KEFU_JWT_SECRET=SECRET, KEFU_LOG_LEVEL=self.log_level)
+        env.update(self.env)
         args = [
             sys.executable,
             "-m",
@@ -48,7 +62,7 @@ class NodeProcess:
             "--data-dir",
             str(self.data_dir),
             "--node-id",
-            f"proc-{self.port}",
+            self.node_id,
         ]
         for setting in self.settings:
             args += ["--set", setting]
@@ -68,12 +82,18 @@ class NodeProcess:
                 await asyncio.sleep(0.05)
         raise TimeoutError("node did not become ready")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
+        """SIGKILL: no drain, no clean-up (presence and membership are left to expire)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM (the graceful drain); the exit status."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)

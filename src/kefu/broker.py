@@ -8,7 +8,7 @@ publishes once per node that holds a recipient.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kefu.hub import Hub
 from kefu.session import Session
@@ -37,6 +37,15 @@ class Broker(abc.ABC):
         return None
 
     async def close(self) -> None:
+        return None
+
+    def announce(self, topic: str) -> None:
+        """Tell every node (this one excepted) that ``topic`` changed: ``"desk"`` means
+        groups or agents were saved (they re-read them from the store)."""
+        return None
+
+    def on_announce(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(topic)`` for every announcement from another node."""
         return None
 
     def session_opened(self, session: Session) -> None:

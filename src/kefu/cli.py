@@ -1,10 +1,11 @@
-"""The ``kefu`` command: serve, token, version, bench."""
+"""The ``kefu`` command: serve, token, migrate, route, cluster, version, bench."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,15 +36,37 @@ def _parse_set(values: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML config file (also KEFU_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+def _settings(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    parser.add_argument("--config", type=Path, help=f"TOML config file (also KEFU_CONFIG){whose}")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="any setting by its flat name, e.g. --set rate_per_second=50",
+        help=f"any setting by its flat name, e.g. --set rate_per_second=50{whose}",
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _settings(parser)
+    parser.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+
+
+def _redis_url(parser: argparse.ArgumentParser, help: str = "") -> None:
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help=help
+        or "Redis of the cluster: redis://host:port/db, or a Redis Cluster seed list "
+        "redis://host1:port1,host2:port2 (setting redis_url)",
+    )
+
+
+def _database_url(parser: argparse.ArgumentParser, help: str = "") -> None:
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=help or "PostgreSQL: postgresql://user@host:port/database (setting database_url)",
     )
 
 
@@ -56,12 +79,88 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--node-id", help="this node's id (default: the host name)")
+    _redis_url(serve)
+    _database_url(serve)
 
     token = sub.add_parser("token", help="print a JWT signed with the node's secret")
     _common(token)
     token.add_argument("--user", required=True, help="user id (the token's subject)")
     token.add_argument("--role", required=True, choices=["customer", "agent", "admin"])
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply the PostgreSQL schema migrations (nodes also do at start-up)",
+        description="Apply the missing PostgreSQL schema migrations of this Kefu to "
+        "database_url, each in its own transaction (nodes starting together wait for "
+        "each other). Exit status 2 when no database is configured or reachable.",
+    )
+    _settings(migrate)
+    _database_url(migrate)
+
+    route = sub.add_parser(
+        "route",
+        help="print a user's home node",
+        description="Read the live nodes from the cluster's Redis (without joining) and "
+        "print the node that owns USER_ID on the consistent-hash ring, its URL and the "
+        "ring version. Uses ring_vnodes from the same configuration as the nodes. Exit "
+        "status 2 when Redis is unreachable or no node is live.",
+    )
+    route.add_argument("user_id", metavar="USER_ID", help="the user id (the bare id)")
+    _settings(route)
+    _redis_url(route)
+
+    cluster = sub.add_parser(
+        "cluster",
+        help="run a local cluster: Redis, PostgreSQL and N nodes",
+        description="A local cluster for development and trials, every process on "
+        "127.0.0.1; its data, logs and pid files in one directory.",
+    )
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="{up,down}")
+    up = csub.add_parser(
+        "up",
+        help="start redis-server, PostgreSQL and N nodes",
+        description="Start a redis-server and a PostgreSQL (unless --redis-url / "
+        "--database-url name existing ones) on free ports, apply the migrations, then N "
+        "nodes node-0..node-(N-1) on consecutive ports from --base-port, sharing one JWT "
+        "secret (the configured jwt_secret, e.g. KEFU_JWT_SECRET, else one generated "
+        "into DIR/jwt-secret). Waits until every node answers /ready, then prints the "
+        "URLs. The processes keep running: stop them with kefu cluster down.",
+    )
+    up.add_argument("--nodes", type=int, default=3, metavar="N", help="nodes (default 3)")
+    up.add_argument(
+        "--base-port", type=int, default=8080, metavar="P", help="node-0's port (default 8080)"
+    )
+    _redis_url(up, "use this Redis instead of starting a redis-server")
+    _database_url(up, "use this PostgreSQL instead of starting one")
+    up.add_argument(
+        "--dir", type=Path, default=Path("cluster"), metavar="D", help="directory (./cluster)"
+    )
+    _settings(up, "; passed to every node")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long each server may take to become ready (default 60)",
+    )
+    down = csub.add_parser(
+        "down",
+        help="stop what kefu cluster up started",
+        description="Stop the nodes (SIGTERM: graceful drain), then PostgreSQL and Redis "
+        "if kefu cluster up started them; SIGKILL whatever is still running after the "
+        "grace period. Data and logs stay in the directory.",
+    )
+    down.add_argument(
+        "--dir", type=Path, default=Path("cluster"), metavar="D", help="directory (./cluster)"
+    )
+    down.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="time to stop before SIGKILL (default 20)",
+    )
 
     sub.add_parser("version", help="print the version")
 
@@ -70,12 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, extra: dict[str, Any]) -> config.Config:
+def _load(args: argparse.Namespace, extra: dict[str, Any], *, secret: bool = True) -> config.Config:
+    """The configuration of a command: defaults < file < environment < --set < flags.
+
+    ``secret=False``: commands that sign nothing neither need nor create a JWT secret.
+    """
     flags = _parse_set(args.set)
     flags.update({k: v for k, v in extra.items() if v is not None})
-    if args.data_dir is not None:
+    if getattr(args, "data_dir", None) is not None:
         flags["data_dir"] = args.data_dir
-    cfg = config.load(config_file=args.config, flags=flags)
+    cfg = config.load(config_file=args.config, flags=flags, resolve_secret=secret)
     if cfg.jwt_secret_source == "dev":
         print(
             DEV_SECRET_WARNING.format(path=str(cfg.data_dir / config.DEV_SECRET_FILE)),
@@ -99,7 +202,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = _load(args, {})
             print(issue_token(cfg.jwt_secret, args.user, args.role, ttl=args.ttl))
             return 0
-        cfg = _load(args, {"host": args.host, "port": args.port, "node_id": args.node_id})
+        if args.command == "migrate":
+            return migrate(_load(args, {"database_url": args.database_url}, secret=False))
+        if args.command == "route":
+            return route(_load(args, {"redis_url": args.redis_url}, secret=False), args.user_id)
+        if args.command == "cluster":
+            return cluster(args)
+        cfg = _load(
+            args,
+            {
+                "host": args.host,
+                "port": args.port,
+                "node_id": args.node_id,
+                "redis_url": args.redis_url,
+                "database_url": args.database_url,
+            },
+        )
     except ConfigError as exc:
         print(f"kefu: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +237,171 @@ def run(cfg: config.Config) -> None:
         uvloop.run(serve(cfg))
     else:
         asyncio.run(serve(cfg))
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages)."""
+    return re.sub(r"^([a-z]+://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _fail(message: str) -> int:
+    print(f"kefu: {message}", file=sys.stderr)
+    return 2
+
+
+# -- kefu migrate ---------------------------------------------------------------------------
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached, refused the connection or is too new."""
+
+
+async def migrate_database(url: str, *, timeout: float = 5.0) -> tuple[list[int], int]:
+    """Apply the missing migrations to ``url``: (the versions applied, the version now)."""
+    import asyncpg
+
+    from kefu.store import pg_schema
+
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout)
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        raise DatabaseUnavailable(
+            f"cannot reach the database at {redact(url)}: {exc or type(exc).__name__}"
+        ) from exc
+    try:
+        applied = await pg_schema.migrate(conn)
+        return applied, await pg_schema.current_version(conn)
+    except pg_schema.SchemaTooNew as exc:
+        raise DatabaseUnavailable(f"{redact(url)}: {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"migrating {redact(url)} failed: {exc}") from exc
+    finally:
+        await conn.close()
+
+
+def migrate(cfg: config.Config) -> int:
+    """``kefu migrate``: apply the PostgreSQL migrations and say what was done."""
+    from kefu.store.pg_schema import migrations
+
+    url = cfg.cluster.database_url
+    if not url:
+        return _fail(
+            "migrate: no database configured: give --database-url, KEFU_DATABASE_URL or "
+            "[cluster] database_url"
+        )
+    try:
+        applied, version = asyncio.run(
+            migrate_database(url, timeout=cfg.cluster.pg_command_timeout)
+        )
+    except DatabaseUnavailable as exc:
+        return _fail(f"migrate: {exc}")
+    names = {m.version: m.name for m in migrations()}
+    for number in applied:
+        print(f"applied migration {number:04d}_{names.get(number, '?')}")
+    print(f"schema is current (version {version})")
+    return 0
+
+
+# -- kefu route -----------------------------------------------------------------------------
+
+
+async def _home(url: str, user_id: str, vnodes: int) -> list[tuple[str, str]] | str:
+    """The lines ``kefu route`` prints, or the reason there are none."""
+    from redis.exceptions import RedisClusterException
+
+    from kefu.cluster import redis_client as rc
+    from kefu.cluster.view import live_members, nodes_of, ring_of
+
+    # RedisClusterException (no seed answers) is no RedisError: not in REDIS_ERRORS.
+    unreachable: tuple[type[BaseException], ...] = (
+        *rc.REDIS_ERRORS,
+        RedisClusterException,
+        ValueError,  # a malformed URL
+    )
+    try:
+        client, _ = await rc.connect(url)
+    except unreachable as exc:
+        return f"cannot reach Redis at {redact(url)}: {exc or type(exc).__name__}"
+    try:
+        members = await live_members(client)
+    except rc.REDIS_ERRORS as exc:
+        return f"cannot read the members from Redis at {redact(url)}: {exc}"
+    finally:
+        await client.aclose()
+    nodes = nodes_of(members)
+    if not nodes:
+        return f"no live node in the cluster (Redis at {redact(url)} lists none)"
+    ring = ring_of(members, vnodes)
+    home = nodes[ring.owner(user_id)]
+    return [
+        ("user", user_id),
+        ("node", home.node),
+        ("url", home.url),
+        ("incarnation", home.incarnation),
+        ("ring_version", ring.version),
+        ("nodes", ", ".join(ring.nodes)),
+    ]
+
+
+def route(cfg: config.Config, user_id: str) -> int:
+    """``kefu route USER_ID``: the user's home node as the live ring says."""
+    url = cfg.cluster.redis_url
+    if not url:
+        return _fail(
+            "route: no Redis configured: give --redis-url, KEFU_REDIS_URL or [cluster] redis_url"
+        )
+    answer = asyncio.run(_home(url, user_id, cfg.cluster.ring_vnodes))
+    if isinstance(answer, str):
+        return _fail(f"route: {answer}")
+    for key, value in answer:
+        print(f"{key}: {value}")
+    return 0
+
+
+# -- kefu cluster ---------------------------------------------------------------------------
+
+
+def cluster(args: argparse.Namespace) -> int:
+    """``kefu cluster up`` / ``kefu cluster down``: a local cluster (kefu.cluster.local)."""
+    from kefu.cluster import local
+
+    if args.cluster_command == "down":
+        return local.down(args.dir, grace=args.grace)
+    if not 1 <= args.nodes <= 100:
+        raise ConfigError("--nodes must be 1..100")
+    if not 1 <= args.base_port <= 65536 - args.nodes:
+        raise ConfigError(
+            f"--base-port: ports {args.base_port}..+{args.nodes - 1} must fit 1..65535"
+        )
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    # The nodes get the same file, environment and --set: check them before starting
+    # anything (and learn the heartbeat, to wait for the members to see each other).
+    flags = _parse_set(args.set)
+    flags.update(
+        {k: v for k, v in (("redis_url", args.redis_url), ("database_url", args.database_url)) if v}
+    )
+    cfg = config.load(config_file=args.config, flags=flags, resolve_secret=False)
+    return local.up(
+        local.Plan(
+            directory=args.dir,
+            nodes=args.nodes,
+            base_port=args.base_port,
+            redis_url=args.redis_url or "",
+            database_url=args.database_url or "",
+            config_file=args.config,
+            settings=tuple(args.set),
+            timeout=args.timeout,
+            heartbeat=cfg.cluster.node_heartbeat,
+            jwt_secret=cfg.jwt_secret,
+        )
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ from kefu import ids, schedule
 from kefu.broker import Broker
 from kefu.config import Config
 from kefu.errors import (
+    ClusterError,
     ErrorCode,
     Forbidden,
     InvalidArgument,
@@ -77,6 +78,8 @@ INACTIVITY_SCAN_MAX = 30.0
 QUEUE_FULL_RETRY_AFTER = 30.0
 #: Most assignments recorded concurrently by one dispatch step.
 DISPATCH_BATCH = 64
+#: How long closing waits for the desk's tasks to stop.
+CLOSE_TIMEOUT = 5.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -120,9 +123,14 @@ class Desk:
         self._background: set[asyncio.Task[Any]] = set()
         self._opening: dict[tuple[str, str], _Gate] = {}  # customer, group -> open in progress
         self._conv_gates: dict[str, _Gate] = {}  # conversation -> desk operation in progress
+        self._closing = False
         self._unrouted: dict[str, int] = {}  # group -> opened, not yet queued
         #: Connections of agent users on this node, set up as agents or not (yet).
         self._connected_here: dict[str, int] = {}
+        #: Whether this node runs a partition of the periodic work, ``(kind, key)``:
+        #: ``("agent", id)``, ``("queue", group)``, ``("inactivity", conversation)``. One
+        #: node alone runs everything; a cluster node asks the ring (kefu.cluster).
+        self.owns: Callable[[str, str], bool] = lambda kind, key: True
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -130,14 +138,13 @@ class Desk:
         """Load groups and agents, rebuild the routing state from the store, start timers."""
         await self.routing.start()
         now = ids.now_ms()
-        self.groups = {g.id: g for g in await self.store.list_groups()}
-        default = self.settings.default_group
-        if default not in self.groups:
-            self.groups[default] = await self.store.save_group(Group(id=default, name=default))
-        for agent in await self.store.list_agents():
-            self.agents[agent.id] = agent
-            await self.routing.configure_agent(agent.id, agent.capacity, agent.groups, now)
-        await self._rebuild(now)
+        await self.reload()
+        if await self.routing.claim_rebuild():
+            await self._rebuild(now)
+            await self.routing.rebuilt()
+        if await self.routing.needs_report():
+            await self.routing.report(dict(self._connected_here), now)
+        self.broker.on_announce(self._announced)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._dispatch_loop(), name="kefu-desk-dispatch"),
@@ -146,6 +153,36 @@ class Desk:
         ]
         self._dirty.update(self.groups)
         self._wake.set()
+
+    async def reload(self) -> None:
+        """Read groups and agents from the store (at start, and when another node changed
+        them) and configure the routing backend to match."""
+        now = ids.now_ms()
+        self.groups = {g.id: g for g in await self.store.list_groups()}
+        default = self.settings.default_group
+        if default not in self.groups:
+            self.groups[default] = await self.store.save_group(Group(id=default, name=default))
+        self.agents = {}
+        for agent in await self.store.list_agents():
+            self.agents[agent.id] = agent
+            await self.routing.configure_agent(agent.id, agent.capacity, agent.groups, now)
+        self._dirty.update(self.groups)
+        self._wake.set()
+
+    def _announced(self, topic: str) -> None:
+        if topic == "desk":
+            self._spawn(self.reload())
+
+    async def _recover(self, now: int) -> None:
+        """A shared routing state that lost its data (Redis restarted empty) is rebuilt from
+        the store by one node, and every node reports its agents' connections again."""
+        if await self.routing.claim_rebuild():
+            log.warning("routing state missing: rebuilding it from the store")
+            await self.reload()
+            await self._rebuild(now)
+            await self.routing.rebuilt()
+        if await self.routing.needs_report():
+            await self.routing.report(dict(self._connected_here), now)
 
     async def _rebuild(self, now: int) -> None:
         open_convs = await self.store.search_conversations(
@@ -162,11 +199,16 @@ class Desk:
                     await self.routing.accepted(conv.agent_id, conv.id)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self._background]:
+        # The flag stops the loops even where a library swallowed the cancellation.
+        self._closing = True
+        self._wake.set()
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            for task in stuck:  # pragma: no cover - a task that ignores its cancellation
+                log.error("desk task %s did not stop", task.get_name())
         self._tasks = []
         await self.routing.close()
 
@@ -1012,6 +1054,7 @@ class Desk:
         group = dataclasses.replace(group, schedule=schedule.validate(group.schedule))
         saved = await self.store.save_group(group)
         self.groups[saved.id] = saved
+        self.broker.announce("desk")
         self._dirty.add(saved.id)
         self._wake.set()
         return saved
@@ -1024,6 +1067,7 @@ class Desk:
             raise NotFound(f"groups {unknown} do not exist")
         saved = await self.store.save_agent(agent)
         self.agents[saved.id] = saved
+        self.broker.announce("desk")
         now = ids.now_ms()
         new = await self.routing.agent(saved.id) is None
         await self.routing.configure_agent(saved.id, saved.capacity, saved.groups, now)
@@ -1141,47 +1185,56 @@ class Desk:
 
     async def _dispatch_loop(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closing:
             await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             groups, self._dirty = self._dirty, set()
             for group in sorted(groups):
                 try:
                     await self.dispatch(group)
                     backoff = 0.05
-                except (StoreError, OSError) as exc:
+                except (StoreError, ClusterError, OSError) as exc:
+                    _stop_if_cancelled()
                     log.warning("dispatch of %s failed (%s): retrying", group, exc)
                     self._dirty.add(group)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     self._wake.set()
                 except Exception:
+                    _stop_if_cancelled()
                     log.exception("dispatch of %s failed", group)
 
     # -- timers -----------------------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.sweep_interval)
             try:
                 await self.tick()
             except Exception:
+                _stop_if_cancelled()
                 log.exception("desk timers failed")
 
     async def tick(self) -> None:
         """Run every timer once: gone agents, accept timeouts, overflow, inactivity."""
         now = ids.now_ms()
         s = self.settings
+        await self._recover(now)
+        owns = self.owns
         for agent_id in await self.routing.gone(int(s.agent_offline_grace * 1000), now):
-            self.metrics.timer_actions.labels(kind="agent_offline").inc()
-            await self._requeue_all(agent_id, reason="agent_offline")
+            if owns("agent", agent_id):
+                self.metrics.timer_actions.labels(kind="agent_offline").inc()
+                await self._requeue_all(agent_id, reason="agent_offline")
         if s.accept_timeout:
             for agent_id, conv_id in await self.routing.unaccepted_since(
                 now - int(s.accept_timeout * 1000)
             ):
-                await self._accept_timeout(agent_id, conv_id)
+                if owns("agent", agent_id):
+                    await self._accept_timeout(agent_id, conv_id)
         for group in list(self.groups.values()):
-            if group.max_wait:
+            if group.max_wait and owns("queue", group.id):
                 for entry in await self.routing.move_to_backlog(
                     group.id, now - int(group.max_wait * 1000)
                 ):
@@ -1195,7 +1248,7 @@ class Desk:
         if s.inactivity_close and now - self._inactivity_scanned >= period:
             self._inactivity_scanned = now
             await self._inactivity(now)
-        self._dirty.update(await self.routing.queued_groups())
+        self._dirty.update(g for g in await self.routing.queued_groups() if owns("queue", g))
         self._wake.set()
 
     async def _accept_timeout(self, agent_id: str, conv_id: str) -> None:
@@ -1224,6 +1277,8 @@ class Desk:
         s = self.settings
         idle = await self.store.idle_conversations(now - int(s.inactivity_warning * 1000))
         for conv_id, last_agent in idle:
+            if not self.owns("inactivity", conv_id):
+                continue
             if last_agent < now - int(s.inactivity_close * 1000) and conv_id in self._warned:
                 with contextlib.suppress(KefuError):
                     conv = await self.conversation(conv_id)
@@ -1276,6 +1331,18 @@ class Desk:
                 for a in agents
             ],
         }
+
+
+def _stop_if_cancelled() -> None:
+    """Re-raise a cancellation that a library turned into another error.
+
+    In Python 3.11 a cancel that lands while an ``asyncio.timeout`` block expires comes out
+    as TimeoutError (and some drivers wrap it again): a loop that logs errors and goes on
+    would then never stop. The task still counts the request, so ask it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -239,6 +239,11 @@ class Gateway:
         self.metrics.connections.dec()
         self.metrics.connections_closed.labels(code=str(session.close_code or "peer")).inc()
 
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the work closed connections left behind (agents' grace)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
     def sweep(self, now: float) -> None:
         """Heartbeats and the authentication deadline; called about once a second."""
         timeouts = self.config.timeouts

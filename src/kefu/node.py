@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 
+from kefu import ids
 from kefu.broker import Broker, LocalBroker
 from kefu.config import Config
 from kefu.desk import Desk
@@ -42,9 +44,11 @@ class Node:
         self.metrics = metrics or Metrics()
         self.store = store or create_store(config, self.metrics)
         self.hub = Hub()
+        #: In cluster mode, this run of the node (``node_id/random``; see kefu.cluster).
+        self.incarnation = f"{config.node_id}/{secrets.token_hex(4)}"
         self.broker = broker or self._broker()
         self.webhooks = Webhooks(config.webhooks, self.metrics)
-        self.routing = routing or MemoryRouting()
+        self.routing = routing or self._routing()
         self.desk = Desk(
             config,
             store=self.store,
@@ -65,11 +69,37 @@ class Node:
             return LocalBroker(self.hub)
         from kefu.cluster.broker import RedisBroker
 
-        return RedisBroker(self.hub, self.config, metrics=self.metrics)
+        return RedisBroker(
+            self.hub, self.config, metrics=self.metrics, incarnation=self.incarnation
+        )
+
+    def _routing(self) -> RoutingBackend:
+        if not self.config.cluster.redis_url:
+            return MemoryRouting()
+        from kefu.routing.redis import RedisRouting
+
+        return RedisRouting(self.config.cluster.redis_url, self.incarnation)
+
+    def _join_cluster(self) -> None:
+        """Cluster mode: the ring partitions the desk's periodic work, and a dead node's
+        agent connections are dropped with it."""
+        from kefu.cluster.broker import RedisBroker
+
+        if not isinstance(self.broker, RedisBroker):
+            return
+        membership = self.broker.membership
+        self.desk.owns = membership.owns
+        routing = self.routing
+
+        async def forget(member: str) -> None:
+            await routing.forget_node(member, ids.now_ms())
+
+        membership.purgers.append(forget)
 
     async def start(self) -> None:
         await self.store.start()
         await self.broker.start()
+        self._join_cluster()
         await self.webhooks.start()
         await self.desk.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
@@ -131,6 +161,7 @@ class Node:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await self.gateway.settle()
         await self.desk.close()
         await self.webhooks.close()
         await self.broker.close()

@@ -271,6 +271,7 @@ async def _role_fixture(api: Api, server: Server) -> dict[tuple[str, str], tuple
         ("DELETE", "/canned-responses/{canned}"): (f"/canned-responses/{canned['id']}", NOTHING),
         ("GET", "/stats/live"): ("/stats/live", NOTHING),
         ("GET", "/reports"): ("/reports", NOTHING),
+        ("GET", "/cluster"): ("/cluster", NOTHING),
     }
 
 

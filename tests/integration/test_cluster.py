@@ -196,7 +196,7 @@ async def test_a_dead_nodes_presence_is_purged_and_the_ring_shrinks(
     start_nodes: StartNodes, connect_to: Connect
 ) -> None:
     n0, n1, n2 = await start_nodes(3)
-    await connect_to(n2, "cust-d", "customer")
+    customer = await connect_to(n2, "cust-d", "customer")  # kept open: GC would close it
     dead = broker(n2)
 
     async def registered() -> bool:
@@ -220,6 +220,7 @@ async def test_a_dead_nodes_presence_is_purged_and_the_ring_shrinks(
     assert broker(n0).membership.ring.version != old_version
     members = await broker(n0).client.zrange(rc.MEMBERS, 0, -1)
     assert dead.membership.incarnation.encode() not in members
+    await customer.close()
 
 
 async def test_nodes_agree_on_the_ring_and_weights_shape_it(

@@ -490,11 +490,11 @@ async def test_burst_of_opens_is_assigned_atomically(hd: Harness) -> None:
         customer, conv = await hd.customer(f"late-{i}")
         owner[conv] = customer
         late.append(conv)
+        # queued after the reply to the open (a round trip to a shared routing state)
+        await customer.position(conv, position=16 + i)
     queue = (await agents[0].ok("queue", "queue", group="general"))["entries"]
     assert [e["conv"] for e in queue][15:] == late
     assert [e["position"] for e in queue] == list(range(1, 19))
-    for position, conv in enumerate(late, 16):
-        await owner[conv].position(conv, position=position)
 
     # the head of the queue gets the first freed slot, and everyone moves up one
     head = queue[0]["conv"]

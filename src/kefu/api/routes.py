@@ -19,6 +19,8 @@ from aiohttp import web
 from kefu import ids
 from kefu.api import schemas as s
 from kefu.auth import verify_token
+from kefu.broker import LocalBroker
+from kefu.cluster.ring import Ring
 from kefu.desk import Desk
 from kefu.errors import AuthError, ErrorCode, Forbidden, InvalidArgument, KefuError, NotFound
 from kefu.model import (
@@ -37,6 +39,8 @@ from kefu.store.base import ConversationFilter
 from kefu.views import conversation_info, message_frame
 
 DESK_KEY = web.AppKey("desk", Desk)
+#: Unix ms when the routes were added: the node's start in embedded mode.
+STARTED_KEY = web.AppKey("started", int)
 PREFIX = "/api/v1"
 MAX_LIMIT = 200
 
@@ -469,6 +473,75 @@ async def get_report(request: web.Request, principal: Principal) -> web.StreamRe
     return json_response(out)
 
 
+# -- the cluster -----------------------------------------------------------------------------------
+
+
+def _own_url(request: web.Request, desk: Desk) -> str:
+    """This node's base URL: the configured host and port (the bound port for port 0)."""
+    port = desk.config.port
+    if port == 0 and request.transport is not None:
+        sockname = request.transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            port = int(sockname[1])
+    return f"http://{desk.config.host}:{port}"
+
+
+async def cluster_info(request: web.Request, principal: Principal) -> web.Response:
+    desk = request.app[DESK_KEY]
+    config = desk.config
+    from kefu.cluster.broker import RedisBroker  # only a cluster node has loaded it
+    from kefu.cluster.view import nodes_of
+
+    broker = desk.broker
+    if not isinstance(broker, RedisBroker):
+        weight = config.cluster.node_weight
+        ring = Ring({config.node_id: weight}, vnodes=config.cluster.ring_vnodes)
+        own = s.ClusterNode(
+            id=config.node_id,
+            url=_own_url(request, desk),
+            weight=weight,
+            connections=len(broker.hub) if isinstance(broker, LocalBroker) else 0,
+            started=request.app[STARTED_KEY],
+            incarnation=None,
+        )
+        return json_response(
+            s.ClusterInfo(
+                mode="embedded", node=config.node_id, ring_version=ring.version, nodes=[own]
+            )
+        )
+    membership = broker.membership
+    ring = membership.ring
+    infos = nodes_of(membership.member_info, default_weight=config.cluster.node_weight)
+    nodes = []
+    for node in ring.nodes:
+        info = infos.get(node)
+        if node == config.node_id:
+            nodes.append(
+                s.ClusterNode(
+                    id=node,
+                    url=membership.url,
+                    weight=ring.weights[node],
+                    connections=len(broker.hub),
+                    started=membership.started,
+                    incarnation=membership.incarnation,
+                )
+            )
+        else:
+            nodes.append(
+                s.ClusterNode(
+                    id=node,
+                    url=info.url if info else "",
+                    weight=ring.weights[node],
+                    connections=info.connections if info else 0,
+                    started=info.started if info else 0,
+                    incarnation=info.incarnation if info else None,
+                )
+            )
+    return json_response(
+        s.ClusterInfo(mode="cluster", node=config.node_id, ring_version=ring.version, nodes=nodes)
+    )
+
+
 # -- the table -------------------------------------------------------------------------------------
 
 CONV = Param("conv", "Conversation id", where="path")
@@ -617,11 +690,21 @@ ROUTES: tuple[Route, ...] = (
         response=s.Report,
         csv=True,
     ),
+    Route(
+        "GET",
+        "/cluster",
+        cluster_info,
+        ADMIN,
+        "The cluster as this node sees it: mode, ring version, and the live nodes with their "
+        "URL, weight, connections and start",
+        response=s.ClusterInfo,
+    ),
 )
 
 
 def add_routes(app: web.Application, desk: Desk) -> None:
     app[DESK_KEY] = desk
+    app[STARTED_KEY] = ids.now_ms()
     for route in ROUTES:
         app.router.add_route(route.method, PREFIX + route.path, wrap(route))
 

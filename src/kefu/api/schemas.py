@@ -146,3 +146,28 @@ class Report(msgspec.Struct):
 
 class Deleted(msgspec.Struct):
     deleted: bool
+
+
+class ClusterNode(msgspec.Struct):
+    id: str
+    #: The node's HTTP base URL, as it advertises it.
+    url: str
+    #: Its share of the ring.
+    weight: float
+    #: Authenticated connections: live for the answering node, as of the last heartbeat
+    #: (every ``node_heartbeat`` seconds) for the others.
+    connections: int
+    #: Unix ms when it started.
+    started: int
+    #: ``node_id/random``, new at every start; null in embedded mode (no membership).
+    incarnation: str | None
+
+
+class ClusterInfo(msgspec.Struct):
+    mode: Literal["embedded", "cluster"]
+    #: The id of the node that answered.
+    node: str
+    #: The fingerprint of the ring (equal on every node that sees the same members).
+    ring_version: str
+    #: The live nodes on the ring, sorted by id.
+    nodes: list[ClusterNode]

@@ -294,6 +294,10 @@ class Client:
         if isinstance(event, f.Message):
             self._accept(event)
         else:
+            if isinstance(event, f.Notice) and event.code == "resync":
+                # The node may have missed pushes (its Redis link broke): sync everything.
+                task = asyncio.ensure_future(self._resume())
+                task.add_done_callback(_log_failure)
             if self.events.full():  # nobody reads them: keep the newest
                 self.events.get_nowait()
             self.events.put_nowait(event)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 from redis.asyncio import Redis
@@ -32,8 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from kefu.broker import Broker
 from kefu.cluster import redis_client as rc
-from kefu.cluster.membership import Membership, node_of
+from kefu.cluster.membership import Membership, new_incarnation
 from kefu.cluster.presence import Presence
+from kefu.cluster.view import node_of
 from kefu.config import Config
 from kefu.errors import ClusterError
 from kefu.hub import Hub
@@ -68,6 +69,13 @@ class Envelope(msgspec.Struct, array_like=True):
     received: float
 
 
+class Announcement(msgspec.Struct):
+    topic: str
+    origin: str
+
+
+_encode_note = msgspec.msgpack.Encoder().encode
+_decode_note = msgspec.msgpack.Decoder(Announcement).decode
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Envelope]).decode
 
@@ -83,8 +91,12 @@ class _Outgoing(msgspec.Struct, array_like=True):
 class RedisBroker(Broker):
     """The cluster broker; it also owns this node's membership and presence (see module)."""
 
-    def __init__(self, hub: Hub, config: Config, *, metrics: Metrics) -> None:
+    def __init__(
+        self, hub: Hub, config: Config, *, metrics: Metrics, incarnation: str | None = None
+    ) -> None:
         self.hub = hub
+        self.incarnation = incarnation or new_incarnation(config.node_id)
+        self._announce_callbacks: list[Callable[[str], None]] = []
         self.config = config
         self.url = config.cluster.redis_url
         self.metrics = metrics
@@ -98,6 +110,7 @@ class RedisBroker(Broker):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def client(self) -> rc.RedisClient:
@@ -141,11 +154,13 @@ class RedisBroker(Broker):
             ttl=settings.node_ttl,
             vnodes=settings.ring_vnodes,
             connections=lambda: len(self.hub),
+            incarnation=self.incarnation,
         )
         self._presence = Presence(
             self._client, self._membership.incarnation, self.hub, metrics=self.metrics
         )
-        self._membership.purge = self._presence.purge
+        self._membership.purgers.append(self._presence.purge)
+        self._membership.restart_listeners.append(self._redis_restarted)
         await self._presence.start()
         await self._membership.start()
         loop = asyncio.get_running_loop()
@@ -169,6 +184,39 @@ class RedisBroker(Broker):
         if self._client is not None:
             with contextlib.suppress(*rc.REDIS_ERRORS):
                 await self._client.aclose()
+
+    def _redis_restarted(self) -> None:
+        """Presence may be gone: write it again, and tell clients pushes may be lost."""
+        self.presence.dirty = True
+        self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
+
+    # -- announcements --------------------------------------------------------------------
+
+    def announce(self, topic: str) -> None:
+        payload = _encode_note(Announcement(topic=topic, origin=self.incarnation))
+        task = asyncio.get_running_loop().create_task(self._announce(payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _announce(self, payload: bytes) -> None:
+        try:
+            await self.client.publish(rc.SETTINGS_CHANNEL, payload)
+        except rc.REDIS_ERRORS as exc:
+            self.metrics.cluster_errors.labels(operation="announce").inc()
+            log.warning("announcement not sent: %s", exc)
+
+    def on_announce(self, callback: Callable[[str], None]) -> None:
+        self._announce_callbacks.append(callback)
+
+    def _announced(self, payload: bytes) -> None:
+        try:
+            note = _decode_note(payload)
+        except msgspec.DecodeError:  # pragma: no cover - only Kefu nodes publish here
+            return
+        if note.origin == self.incarnation:
+            return
+        for callback in self._announce_callbacks:
+            callback(note.topic)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -224,10 +272,10 @@ class RedisBroker(Broker):
                 del self._outbox[:ROUND_FRAMES]
                 try:
                     await self._publish(batch)
-                except rc.REDIS_ERRORS as exc:
+                except Exception as exc:  # Redis errors, and a bug must not stop delivery
                     # Those pushes are lost; the frames are stored and clients sync.
                     self.metrics.cluster_errors.labels(operation="publish").inc()
-                    log.warning("publish of %d frames failed: %s", len(batch), exc)
+                    log.warning("publish of %d frames failed: %r", len(batch), exc)
 
     async def _publish(self, batch: list[_Outgoing]) -> None:
         users = {u for item in batch for u in item.users}
@@ -300,6 +348,8 @@ class RedisBroker(Broker):
                     await pubsub.ssubscribe(self.channel)
                 else:
                     await pubsub.subscribe(self.channel)
+                # Plain PUBLISH reaches every node of a Redis Cluster: any shard will do.
+                await pubsub.subscribe(rc.SETTINGS_CHANNEL)
                 if not first or self.presence.dirty:
                     await self.presence.resync()
                     self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
@@ -309,8 +359,12 @@ class RedisBroker(Broker):
                 backoff = BACKOFF_INITIAL
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and rc.text(message["type"]) in ("message", "smessage"):
-                        self._received(message["data"])
+                    kind = rc.text(message["type"]) if message is not None else ""
+                    if message is not None and kind in ("message", "smessage"):
+                        if rc.text(message["channel"]) == rc.SETTINGS_CHANNEL:
+                            self._announced(message["data"])
+                        else:
+                            self._received(message["data"])
                     elif self.presence.dirty:
                         await self.presence.resync()
             except rc.REDIS_ERRORS as exc:

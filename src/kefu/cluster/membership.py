@@ -20,8 +20,12 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
 
 from kefu.cluster import redis_client as rc
+from kefu.cluster import view
 from kefu.cluster.ring import Ring
 from kefu.metrics import Metrics
 
@@ -30,9 +34,9 @@ log = logging.getLogger(__name__)
 Purge = Callable[[str], Awaitable[None]]
 
 
-def node_of(member: str) -> str:
-    """The node id of an incarnation ``node_id/random``."""
-    return member.rpartition("/")[0] or member
+def new_incarnation(node_id: str) -> str:
+    """A fresh incarnation name for a node starting now."""
+    return f"{node_id}/{secrets.token_hex(4)}"
 
 
 class Membership:
@@ -48,10 +52,11 @@ class Membership:
         ttl: float = 6.0,
         vnodes: int = 100,
         connections: Callable[[], int] = lambda: 0,
+        incarnation: str | None = None,
     ) -> None:
         self.client = client
         self.node_id = node_id
-        self.incarnation = f"{node_id}/{secrets.token_hex(4)}"
+        self.incarnation = incarnation or new_incarnation(node_id)
         self.metrics = metrics
         self.weight = weight
         self.url = url
@@ -65,8 +70,13 @@ class Membership:
         #: Live incarnations, as of the last heartbeat.
         self.members: frozenset[str] = frozenset({self.incarnation})
         self.member_info: dict[str, dict[str, str]] = {}
-        self.purge: Purge | None = None
+        #: Called with each dead incarnation, to remove what it left behind.
+        self.purgers: list[Purge] = []
         self.listeners: list[Callable[[Ring], None]] = []
+        #: Called when a Redis server restarted (its data may be gone): rewrite what this
+        #: node keeps there.
+        self.restart_listeners: list[Callable[[], None]] = []
+        self._run_ids: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
         self.healthy = False
 
@@ -131,32 +141,11 @@ class Membership:
             },
         )
         pipe.pexpire(info, 3 * ttl_ms)
-        pipe.zrangebyscore(rc.MEMBERS, now, "+inf")
         pipe.zrangebyscore(rc.MEMBERS, "-inf", now - 1)
-        *_, live_raw, dead_raw = await pipe.execute()
-        live = sorted(rc.text(m) for m in live_raw)
-        pipe = self.client.pipeline(transaction=False)
-        for member in live:
-            pipe.hgetall(rc.member_info(member))
-        infos = await pipe.execute() if live else []
-        self.member_info = {
-            member: {rc.text(k): rc.text(v) for k, v in raw.items()}
-            for member, raw in zip(live, infos, strict=True)
-        }
-        self.members = frozenset(live) | {self.incarnation}
-        weights: dict[str, float] = {}
-        newest: dict[str, int] = {}
-        for member in self.members:
-            data = self.member_info.get(member, {})
-            node = node_of(member)
-            started = int(data.get("started", "0"))
-            if node in newest and newest[node] > started:
-                continue  # a restarted node's old incarnation, not yet expired
-            newest[node] = started
-            try:
-                weights[node] = float(data.get("weight", self.weight))
-            except ValueError:
-                weights[node] = 1.0
+        *_, dead_raw = await pipe.execute()
+        self.member_info = await view.live_members(self.client, now_ms=now)
+        self.members = frozenset(self.member_info) | {self.incarnation}
+        weights = {node: info.weight for node, info in view.nodes_of(self.member_info).items()}
         weights[self.node_id] = self.weight
         ring = Ring(weights, vnodes=self.vnodes)
         if ring.version != self.ring.version:
@@ -169,15 +158,32 @@ class Membership:
                 listener(ring)
         self.metrics.cluster_nodes.set(len(ring))
         self.healthy = True
+        await self._watch_restarts()
         for member in (rc.text(m) for m in dead_raw):
             if member == self.incarnation:
                 continue  # our own entry lapsed (Redis was away): the ZADD above renewed it
             if self.owns("purge", member):
                 await self._purge(member)
 
+    async def _watch_restarts(self) -> None:
+        """Notice a Redis server that restarted (a new ``run_id``), even when this node's
+        own connections to it survived or came back unnoticed: a restarted master of a
+        Redis Cluster may have lost the presence entries of any node."""
+        if isinstance(self.client, RedisCluster):
+            raw: Any = await self.client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        else:
+            raw = await self.client.info("server")
+        infos = [raw] if "run_id" in raw else list(raw.values())
+        run_ids = frozenset(str(info.get("run_id", "")) for info in infos)
+        if self._run_ids and run_ids != self._run_ids:
+            log.warning("cluster: a Redis server restarted: rewriting this node's state")
+            for listener in self.restart_listeners:
+                listener()
+        self._run_ids = run_ids
+
     async def _purge(self, member: str) -> None:
         log.info("cluster: %s stopped beating: purging its state", member)
-        if self.purge is not None:
-            await self.purge(member)
+        for purge in self.purgers:
+            await purge(member)
         await self.client.zrem(rc.MEMBERS, member)
         await self.client.delete(rc.member_info(member))

@@ -71,10 +71,10 @@ class Presence:
                 del self._pending[:WRITE_BATCH]
                 try:
                     await self._write(batch)
-                except rc.REDIS_ERRORS as exc:
+                except Exception as exc:  # Redis errors, and a bug must not stop presence
                     self.dirty = True
                     self.metrics.cluster_errors.labels(operation="presence").inc()
-                    log.warning("presence: write failed (%s): will resync", exc)
+                    log.warning("presence: write failed (%r): will resync", exc)
 
     async def _write(self, batch: list[tuple[str, str, bool]]) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 #: Seconds a Redis command may take before it fails (the caller's error path takes over).
@@ -29,7 +29,13 @@ CONNECT_TIMEOUT = 1.0
 RedisClient = aioredis.Redis | RedisCluster
 
 #: Exceptions that mean "Redis is unreachable or failed this command".
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+#: (redis-py's RedisClusterException, raised when no seed answers, is not a RedisError.)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
 
 
 def text(value: bytes | str) -> str:

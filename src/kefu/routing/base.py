@@ -94,6 +94,29 @@ class RoutingBackend(abc.ABC):
     async def close(self) -> None:
         return None
 
+    # -- recovery (the state is derived: see the module docstring) ------------------------------
+
+    async def claim_rebuild(self) -> bool:
+        """True when the state is missing and this caller should rebuild it from the store
+        (then call :meth:`rebuilt`). Shared backends let exactly one node do it."""
+        return False
+
+    async def rebuilt(self) -> None:
+        return None
+
+    async def needs_report(self) -> bool:
+        """True when this node's agent connection counts are missing from the state (a
+        shared backend that lost its data): report them with :meth:`report`."""
+        return False
+
+    async def report(self, counts: dict[str, int], now: int) -> None:
+        """Set the number of connections each agent has on this node."""
+        return None
+
+    async def forget_node(self, incarnation: str, now: int) -> list[str]:
+        """A node died: drop its agents' connections; returns the agents it had."""
+        return []
+
     # -- agents -----------------------------------------------------------------------------
 
     @abc.abstractmethod

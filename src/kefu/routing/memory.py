@@ -24,6 +24,14 @@ class MemoryRouting(RoutingBackend):
         self._live: dict[str, collections.OrderedDict[str, QueueEntry]] = {}
         self._backlog: dict[str, collections.OrderedDict[str, QueueEntry]] = {}
         self._where: dict[str, QueueEntry] = {}
+        self._built = False
+
+    async def claim_rebuild(self) -> bool:
+        """Once: this process's memory starts empty."""
+        return not self._built
+
+    async def rebuilt(self) -> None:
+        self._built = True
 
     # -- agents -------------------------------------------------------------------------------
 

@@ -88,6 +88,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # "cannot switch to state ...": a connection the server dropped mid-operation.
+    asyncpg.InternalClientError,
 )
 #: Errors that mean "another transaction won a race": run the batch again.
 RACE_ERRORS: tuple[type[BaseException], ...] = (
