@@ -7,7 +7,7 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(route)
     _redis_url(route)
 
+    cfg_cmd = sub.add_parser(
+        "config",
+        help="change settings of every running node at once",
+        description="Cluster-wide runtime settings, kept in the cluster's Redis and applied "
+        "by every node at once (and by nodes that start later), on top of their own "
+        "configuration. Only settings a running node can take are accepted (limits, "
+        "timeouts, [service], node_weight, allowed_origins, log_level). One node alone: "
+        "edit its config file and send it SIGHUP instead.",
+    )
+    cfg_cmd.add_argument("action", choices=["set", "unset", "show"])
+    cfg_cmd.add_argument(
+        "items", nargs="*", metavar="NAME[=VALUE]", help="set: NAME=VALUE...; unset: NAME..."
+    )
+    _settings(cfg_cmd)
+    _redis_url(cfg_cmd)
+
     cluster = sub.add_parser(
         "cluster",
         help="run a local cluster: Redis, PostgreSQL and N nodes",
@@ -208,35 +224,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return route(_load(args, {"redis_url": args.redis_url}, secret=False), args.user_id)
         if args.command == "cluster":
             return cluster(args)
-        cfg = _load(
-            args,
-            {
-                "host": args.host,
-                "port": args.port,
-                "node_id": args.node_id,
-                "redis_url": args.redis_url,
-                "database_url": args.database_url,
-            },
-        )
+        if args.command == "config":
+            cfg = _load(args, {"redis_url": args.redis_url}, secret=False)
+            return runtime_config(cfg, args.action, args.items)
+        extra = {
+            "host": args.host,
+            "port": args.port,
+            "node_id": args.node_id,
+            "redis_url": args.redis_url,
+            "database_url": args.database_url,
+        }
+        cfg = _load(args, extra)
     except ConfigError as exc:
         print(f"kefu: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run(cfg)
+    run(cfg, reload=lambda: _load(args, extra))
     return 0
 
 
-def run(cfg: config.Config) -> None:
+def run(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -> None:
     from kefu.server import serve
 
     if cfg.use_uvloop:
         import uvloop
 
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, reload=reload))
     else:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, reload=reload))
 
 
 def redact(url: str) -> str:
@@ -362,6 +379,63 @@ def route(cfg: config.Config, user_id: str) -> int:
     for key, value in answer:
         print(f"{key}: {value}")
     return 0
+
+
+# -- kefu config ---------------------------------------------------------------------------
+
+
+def runtime_config(cfg: config.Config, action: str, items: Sequence[str]) -> int:
+    """``kefu config set|unset|show``: the cluster-wide runtime settings."""
+    url = cfg.cluster.redis_url
+    if not url:
+        return _fail("config: no Redis configured: give --redis-url or KEFU_REDIS_URL")
+    values: dict[str, str] = {}
+    names: list[str] = []
+    if action == "set":
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep:
+                return _fail(f"config set: expected NAME=VALUE, got {item!r}")
+            values[name.strip()] = value
+        names = list(values)
+    elif action == "unset":
+        names = list(items)
+    for name in names:
+        if not config.is_hot(name):
+            what = "unknown setting" if name not in config.FIELDS else "not a runtime setting"
+            return _fail(f"config: {name!r}: {what} (restart the nodes to change it)")
+    if values:
+        config.build_config(base=cfg, overrides=values)  # refuse bad values here, not on nodes
+    answer = asyncio.run(_runtime_config(url, action, values, names))
+    if isinstance(answer, str):
+        return _fail(f"config: {answer}")
+    for name, value in sorted(answer.items()):
+        print(f"{name} = {value}")
+    return 0
+
+
+async def _runtime_config(
+    url: str, action: str, values: dict[str, str], names: list[str]
+) -> dict[str, str] | str:
+    from kefu.cluster import redis_client as rc
+    from kefu.cluster.broker import announcement, read_settings
+
+    try:
+        client, _ = await rc.connect(url)
+    except rc.REDIS_ERRORS as exc:
+        return f"cannot reach Redis at {redact(url)}: {exc}"
+    try:
+        if action == "set" and values:
+            await client.hset(rc.SETTINGS, mapping=dict[Any, Any](values))
+        elif action == "unset" and names:
+            await client.hdel(rc.SETTINGS, *names)
+        if action != "show":
+            await client.publish(rc.SETTINGS_CHANNEL, announcement("config", "kefu-config"))
+        return await read_settings(client)
+    except rc.REDIS_ERRORS as exc:
+        return f"Redis failed: {exc}"
+    finally:
+        await client.aclose()
 
 
 # -- kefu cluster ---------------------------------------------------------------------------

@@ -325,6 +325,48 @@ def build_config(
     return cfg
 
 
+#: Settings a running node takes without a restart (SIGHUP, or ``kefu config set``):
+#: limits, timeouts, the customer-service settings, its ring weight, origins, log level.
+#: Limits apply to connections made from then on (a connection keeps the rate bucket and
+#: outbox bounds it started with); everything else applies at once.
+HOT_SECTIONS = frozenset({"limits", "timeouts", "service"})
+HOT_TOP = frozenset({"allowed_origins", "log_level"})
+HOT_CLUSTER = frozenset({"node_weight"})
+
+
+def is_hot(name: str) -> bool:
+    """Whether setting ``name`` may change while the node runs."""
+    if name not in FIELDS:
+        return False
+    section = FIELDS[name][0]
+    if section is None:
+        return name in HOT_TOP
+    return section in HOT_SECTIONS or name in HOT_CLUSTER
+
+
+def changed(old: Config, new: Config) -> list[str]:
+    """The flat names of the settings that differ between two configs."""
+    out = []
+    for name, (section, _) in FIELDS.items():
+        a = getattr(old if section is None else getattr(old, section), name)
+        b = getattr(new if section is None else getattr(new, section), name)
+        if a != b:
+            out.append(name)
+    return sorted(out)
+
+
+def hot_merge(running: Config, wanted: Config) -> tuple[Config, list[str], list[str]]:
+    """``running`` with the hot settings of ``wanted``: (config, applied, needs restart)."""
+    diff = changed(running, wanted)
+    hot = [n for n in diff if is_hot(n)]
+    cold = [n for n in diff if not is_hot(n)]
+    values = {}
+    for name in hot:
+        section = FIELDS[name][0]
+        values[name] = getattr(wanted if section is None else getattr(wanted, section), name)
+    return build_config(base=running, overrides=values), hot, cold
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """Flatten a TOML config file into flat-named settings."""
     try:

@@ -254,6 +254,11 @@ class Metrics:
             "1 while this node's delivery subscription to Redis is established.",
             registry=r,
         )
+        self.reloads = Counter(
+            "kefu_config_reloads",
+            "Times the node took new settings at runtime (SIGHUP or a cluster-wide change).",
+            registry=r,
+        )
         # Label children used on every message.
         self.message_result = Children(self.messages)  # (type, result)
         self.frame_op = Children(self.frames_in)  # (op,)

@@ -13,11 +13,12 @@ import logging
 import secrets
 import time
 
+from kefu import config as config_module
 from kefu import ids
 from kefu.broker import Broker, LocalBroker
 from kefu.config import Config
 from kefu.desk import Desk
-from kefu.errors import CloseCode, StoreError
+from kefu.errors import CloseCode, ConfigError, StoreError
 from kefu.gateway import Gateway
 from kefu.hub import Hub
 from kefu.metrics import Metrics
@@ -41,6 +42,10 @@ class Node:
         routing: RoutingBackend | None = None,
     ) -> None:
         self.config = config
+        #: The node's own settings (file, environment, flags) and the cluster-wide runtime
+        #: overrides on top of them (see :meth:`reconfigure`).
+        self.base_config = config
+        self.cluster_overrides: dict[str, str] = {}
         self.metrics = metrics or Metrics()
         self.store = store or create_store(config, self.metrics)
         self.hub = Hub()
@@ -62,7 +67,43 @@ class Node:
         )
         self.gateway = Gateway(config, metrics=self.metrics, hub=self.hub, service=self.service)
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.draining = False
+
+    # -- runtime configuration ----------------------------------------------------------------
+
+    def reconfigure(
+        self, base: Config | None = None, overrides: dict[str, str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Take new settings without a restart: ``base`` is the node's own configuration
+        re-read (SIGHUP), ``overrides`` the cluster-wide settings (``kefu config set``),
+        which win. Only hot settings change (:func:`kefu.config.is_hot`); returns the
+        names applied and the names that need a restart (ignored)."""
+        if base is not None:
+            self.base_config = base
+        if overrides is not None:
+            self.cluster_overrides = dict(overrides)
+        hot = {k: v for k, v in self.cluster_overrides.items() if config_module.is_hot(k)}
+        wanted = config_module.build_config(base=self.base_config, overrides=hot)
+        cfg, applied, restart = config_module.hot_merge(self.config, wanted)
+        if restart:
+            log.warning("reload: %s change only with a restart", ", ".join(restart))
+        if not applied:
+            return applied, restart
+        log.info("reload: applying %s", ", ".join(applied))
+        self.config = cfg
+        self.gateway.config = cfg
+        self.service.config = cfg
+        self.desk.config = cfg
+        self.desk.settings = cfg.service
+        self.desk.positions.settings = cfg.service
+        logging.getLogger("kefu").setLevel(cfg.log_level)
+        from kefu.cluster.broker import RedisBroker
+
+        if isinstance(self.broker, RedisBroker) and self.broker._membership is not None:
+            self.broker.membership.weight = cfg.cluster.node_weight  # the next heartbeat
+        self.metrics.reloads.inc()
+        return applied, restart
 
     def _broker(self) -> Broker:
         if not self.config.cluster.redis_url:
@@ -95,11 +136,36 @@ class Node:
             await routing.forget_node(member, ids.now_ms())
 
         membership.purgers.append(forget)
+        self.broker.on_announce(self._announced)
+
+    def _announced(self, topic: str) -> None:
+        if topic == "config":
+            task = asyncio.get_running_loop().create_task(self.load_cluster_settings())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def load_cluster_settings(self) -> None:
+        """Apply the cluster-wide runtime settings kept in Redis (``kefu config set``)."""
+        from kefu.cluster import redis_client as rc
+        from kefu.cluster.broker import RedisBroker, read_settings
+
+        if not isinstance(self.broker, RedisBroker):
+            return
+        try:
+            overrides = await read_settings(self.broker.client)
+        except rc.REDIS_ERRORS as exc:
+            log.warning("cluster settings not read: %s", exc)
+            return
+        try:
+            self.reconfigure(overrides=overrides)
+        except ConfigError as exc:  # a value another version accepted: keep what runs
+            log.error("cluster settings refused: %s", exc)
 
     async def start(self) -> None:
         await self.store.start()
         await self.broker.start()
         self._join_cluster()
+        await self.load_cluster_settings()
         await self.webhooks.start()
         await self.desk.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())

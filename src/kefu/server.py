@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kefu import __version__
 from kefu.api import add_routes, openapi_document
 from kefu.config import Config
+from kefu.errors import ConfigError
 from kefu.node import Node
 from kefu.runtime import tune_process
 from kefu.transport import deflate
@@ -103,9 +104,15 @@ class Server:
 
 
 async def serve(
-    config: Config, *, on_started: Callable[[Server], Awaitable[None]] | None = None
+    config: Config,
+    *,
+    on_started: Callable[[Server], Awaitable[None]] | None = None,
+    reload: Callable[[], Config] | None = None,
 ) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut it down gracefully."""
+    """Run a node until SIGTERM or SIGINT, then shut it down gracefully.
+
+    SIGHUP calls ``reload`` (which re-reads the config file and the environment) and hands
+    the result to :meth:`Node.reconfigure`: hot settings change, others are logged."""
     server = Server(config)
     await server.start()
     tune_process(server.node.metrics)  # after start-up, so that its objects are frozen out of GC
@@ -122,11 +129,21 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def hangup() -> None:
+        if reload is None:
+            return
+        try:
+            server.node.reconfigure(base=reload())
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration refused, keeping the running one: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         await stop.wait()
         log.info("shutting down: draining connections")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
     log.info("stopped")

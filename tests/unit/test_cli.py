@@ -68,7 +68,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def test_serve_flags_set_the_cluster_urls(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[Config] = []
-    clean_env.setattr(cli, "run", seen.append)
+    clean_env.setattr(cli, "run", lambda cfg, reload=None: seen.append(cfg))
     argv = ["serve", "--data-dir", str(tmp_path), "--redis-url", REDIS, "--database-url", DATABASE]
     assert main(argv) == 0
     assert (seen[0].cluster.redis_url, seen[0].cluster.database_url) == (REDIS, DATABASE)

@@ -76,6 +76,19 @@ class Announcement(msgspec.Struct):
 
 _encode_note = msgspec.msgpack.Encoder().encode
 _decode_note = msgspec.msgpack.Decoder(Announcement).decode
+
+
+def announcement(topic: str, origin: str) -> bytes:
+    """The payload that tells every node (but ``origin``) that ``topic`` changed."""
+    return _encode_note(Announcement(topic=topic, origin=origin))
+
+
+async def read_settings(client: rc.RedisClient) -> dict[str, str]:
+    """The cluster-wide runtime settings (``kefu config set``)."""
+    raw = await client.hgetall(rc.SETTINGS)
+    return {rc.text(k): rc.text(v) for k, v in raw.items()}
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Envelope]).decode
 
@@ -193,7 +206,7 @@ class RedisBroker(Broker):
     # -- announcements --------------------------------------------------------------------
 
     def announce(self, topic: str) -> None:
-        payload = _encode_note(Announcement(topic=topic, origin=self.incarnation))
+        payload = announcement(topic, self.incarnation)
         task = asyncio.get_running_loop().create_task(self._announce(payload))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -74,8 +74,10 @@ def node_channel(node_id: str) -> str:
     return f"kefu:node:{{{node_id}}}"
 
 
-#: Channel of cluster-wide settings changes (hot reload).
+#: Channel of cluster-wide announcements (settings changed, groups or agents saved).
 SETTINGS_CHANNEL = "kefu:settings"
+#: HASH of cluster-wide runtime settings (flat name -> value), set by ``kefu config set``.
+SETTINGS = "kefu:runtime-settings"
 
 
 # -- connecting ---------------------------------------------------------------------------------
