@@ -8,12 +8,13 @@ in its own transactions.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Mapping
 
 import msgspec
 
 from kefu import ids
-from kefu.errors import InvalidTransition, KefuError, NotFound, StoreError
-from kefu.model import Conversation, ConversationState, StoredMessage
+from kefu.errors import ErrorCode, Forbidden, InvalidTransition, KefuError, NotFound, StoreError
+from kefu.model import Conversation, ConversationState, NewMessage, StoredMessage
 from kefu.store import sqlite_writer as w
 
 
@@ -69,6 +70,57 @@ def new_conversation(
     )
 
 
+def append_job(message: NewMessage) -> w.Append:
+    return w.Append(
+        conv=message.conv,
+        sender=message.sender,
+        sender_role=message.sender_role.value,
+        client_msg_id=message.client_msg_id,
+        type=message.type,
+        body=message.body,
+        visibility=message.visibility.value,
+    )
+
+
+def transition_job(
+    conv_id: str,
+    *,
+    from_states: Collection[ConversationState],
+    to_state: ConversationState,
+    event_body: bytes,
+    sender: str,
+    sender_role: str,
+    if_agent: str | None,
+    sets: Mapping[str, str | int | None] | None,
+    stamps: Collection[str],
+    first_stamps: Collection[str],
+) -> w.Transition:
+    """The job of :meth:`MessageStore.transition` (see there)."""
+    return w.Transition(
+        conv=conv_id,
+        from_states=[s.value for s in from_states],
+        to_state=to_state.value,
+        if_agent=if_agent,
+        sets=dict(sets or {}),
+        stamps=list(stamps),
+        first_stamps=list(first_stamps),
+        sender=sender,
+        sender_role=sender_role,
+        body=event_body,
+    )
+
+
+def rating_refused(conv_id: str, current: Conversation | None, customer_id: str) -> KefuError:
+    """Why a rating's compare-and-set matched nothing, from the conversation as it is."""
+    if current is None:
+        return NotFound(f"conversation {conv_id!r} does not exist")
+    if current.customer_id != customer_id:
+        return Forbidden(f"conversation {conv_id!r} is not yours")
+    if current.csat_score is not None:
+        return KefuError("this conversation is rated already", code=ErrorCode.ALREADY_RATED)
+    return InvalidTransition(f"conversation {conv_id!r} is {current.state}, not resolved")
+
+
 def create_job(conv: Conversation) -> w.Create:
     return w.Create(
         id=conv.id,
@@ -82,4 +134,13 @@ def create_job(conv: Conversation) -> w.Create:
     )
 
 
-__all__ = ["create_job", "failure", "new_conversation", "settle", "stored_message"]
+__all__ = [
+    "append_job",
+    "create_job",
+    "failure",
+    "new_conversation",
+    "rating_refused",
+    "settle",
+    "stored_message",
+    "transition_job",
+]

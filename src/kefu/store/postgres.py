@@ -33,10 +33,6 @@ import msgspec
 
 from kefu import ids
 from kefu.errors import (
-    ErrorCode,
-    Forbidden,
-    InvalidTransition,
-    KefuError,
     NotFound,
     Overloaded,
     StoreClosed,
@@ -553,17 +549,7 @@ class PostgresStore(MessageStore):
     # -- writes through the writer --------------------------------------------------------
 
     def submit(self, message: NewMessage) -> asyncio.Future[StoredMessage]:
-        raw = self._enqueue(
-            w.Append(
-                conv=message.conv,
-                sender=message.sender,
-                sender_role=message.sender_role.value,
-                client_msg_id=message.client_msg_id,
-                type=message.type,
-                body=message.body,
-                visibility=message.visibility.value,
-            )
-        )
+        raw = self._enqueue(jobs.append_job(message))
         assert self._loop is not None
         future: asyncio.Future[StoredMessage] = self._loop.create_future()
         raw.add_done_callback(lambda done: jobs.settle(future, done.result()))
@@ -614,17 +600,17 @@ class PostgresStore(MessageStore):
         first_stamps: Collection[str] = (),
     ) -> tuple[Conversation, StoredMessage, str | None]:
         result = await self._write(
-            w.Transition(
-                conv=conv_id,
-                from_states=[s.value for s in from_states],
-                to_state=to_state.value,
-                if_agent=if_agent,
-                sets=dict(sets or {}),
-                stamps=list(stamps),
-                first_stamps=list(first_stamps),
+            jobs.transition_job(
+                conv_id,
+                from_states=from_states,
+                to_state=to_state,
+                event_body=event_body,
                 sender=sender,
                 sender_role=sender_role,
-                body=event_body,
+                if_agent=if_agent,
+                sets=sets,
+                stamps=stamps,
+                first_stamps=first_stamps,
             )
         )
         assert isinstance(result, w.Transitioned)
@@ -775,13 +761,7 @@ class PostgresStore(MessageStore):
         if conv is not None:
             return conv
         current = await self.get_conversation(conv_id, fresh=True)
-        if current is None:
-            raise NotFound(f"conversation {conv_id!r} does not exist")
-        if current.customer_id != customer_id:
-            raise Forbidden(f"conversation {conv_id!r} is not yours")
-        if current.csat_score is not None:
-            raise KefuError("this conversation is rated already", code=ErrorCode.ALREADY_RATED)
-        raise InvalidTransition(f"conversation {conv_id!r} is {current.state}, not resolved")
+        raise jobs.rating_refused(conv_id, current, customer_id)
 
     async def search_conversations(
         self, where: ConversationFilter, *, limit: int
