@@ -66,6 +66,7 @@ from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import AgentState, Assignment, QueueEntry, RoutingBackend, RoutingError
 from kefu.store.base import ConversationFilter, MessageStore
+from kefu.tasks import stop_if_cancelled
 from kefu.views import agent_frame, conversation_info, message_frame, message_json
 from kefu.webhooks import Webhooks
 
@@ -202,6 +203,7 @@ class Desk:
         # The flag stops the loops even where a library swallowed the cancellation.
         self._closing = True
         self._wake.set()
+        self.positions.stop()
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
@@ -1196,14 +1198,14 @@ class Desk:
                     await self.dispatch(group)
                     backoff = 0.05
                 except (StoreError, ClusterError, OSError) as exc:
-                    _stop_if_cancelled()
+                    stop_if_cancelled()
                     log.warning("dispatch of %s failed (%s): retrying", group, exc)
                     self._dirty.add(group)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     self._wake.set()
                 except Exception:
-                    _stop_if_cancelled()
+                    stop_if_cancelled()
                     log.exception("dispatch of %s failed", group)
 
     # -- timers -----------------------------------------------------------------------------------
@@ -1214,7 +1216,7 @@ class Desk:
             try:
                 await self.tick()
             except Exception:
-                _stop_if_cancelled()
+                stop_if_cancelled()
                 log.exception("desk timers failed")
 
     async def tick(self) -> None:
@@ -1331,18 +1333,6 @@ class Desk:
                 for a in agents
             ],
         }
-
-
-def _stop_if_cancelled() -> None:
-    """Re-raise a cancellation that a library turned into another error.
-
-    In Python 3.11 a cancel that lands while an ``asyncio.timeout`` block expires comes out
-    as TimeoutError (and some drivers wrap it again): a loop that logs errors and goes on
-    would then never stop. The task still counts the request, so ask it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -20,6 +20,7 @@ from kefu.model import AgentStatus
 from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import RoutingBackend
+from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class QueuePositions:
         self.metrics = metrics
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._closing = False
         #: conv -> (group, position, backlog, estimate) last pushed
         self._pushed: dict[str, tuple[str, int, bool, float | None]] = {}
         self._pace: dict[str, GroupPace] = {}
@@ -78,9 +80,16 @@ class QueuePositions:
         """A conversation of the group was assigned at ``now`` (ms): the pace moves."""
         self._pace.setdefault(group, GroupPace()).assigned(now)
 
+    def stop(self) -> None:
+        """End :meth:`run` (even where a library swallowed its task's cancellation)."""
+        self._closing = True
+        self._wake.set()
+
     async def run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             await asyncio.sleep(self.settings.queue_update_interval)  # coalesce a burst
             groups, self._dirty = self._dirty, set()
@@ -88,6 +97,7 @@ class QueuePositions:
                 try:
                     await self.push(group)
                 except Exception:
+                    stop_if_cancelled()
                     log.exception("queue positions of %s failed", group)
 
     async def push(self, group: str) -> int:

@@ -41,6 +41,7 @@ from kefu.hub import Hub
 from kefu.metrics import Metrics
 from kefu.protocol import frames as f
 from kefu.session import Session
+from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class RedisBroker(Broker):
                 self._client, self.cluster = await rc.connect(self.url)
                 break
             except rc.REDIS_ERRORS as exc:
+                stop_if_cancelled()
                 if time.monotonic() > deadline:
                     raise ClusterError(f"cannot reach Redis at {self.url}: {exc}") from exc
                 log.warning("Redis not reachable yet (%s): retrying", exc)
@@ -215,6 +217,7 @@ class RedisBroker(Broker):
         try:
             await self.client.publish(rc.SETTINGS_CHANNEL, payload)
         except rc.REDIS_ERRORS as exc:
+            stop_if_cancelled()
             self.metrics.cluster_errors.labels(operation="announce").inc()
             log.warning("announcement not sent: %s", exc)
 
@@ -248,6 +251,7 @@ class RedisBroker(Broker):
             pipe.delete(key)
             frames, _ = await pipe.execute()
         except rc.REDIS_ERRORS as exc:
+            stop_if_cancelled()
             self.metrics.cluster_errors.labels(operation="inbox").inc()
             log.warning("inbox of %s not drained: %s", session.user_id, exc)
             return
@@ -286,6 +290,7 @@ class RedisBroker(Broker):
                 try:
                     await self._publish(batch)
                 except Exception as exc:  # Redis errors, and a bug must not stop delivery
+                    stop_if_cancelled()
                     # Those pushes are lost; the frames are stored and clients sync.
                     self.metrics.cluster_errors.labels(operation="publish").inc()
                     log.warning("publish of %d frames failed: %r", len(batch), exc)
@@ -381,6 +386,7 @@ class RedisBroker(Broker):
                     elif self.presence.dirty:
                         await self.presence.resync()
             except rc.REDIS_ERRORS as exc:
+                stop_if_cancelled()
                 self.metrics.cluster_redis_up.set(0)
                 self.metrics.cluster_errors.labels(operation="subscribe").inc()
                 log.warning("delivery subscription lost (%s): resubscribing", exc)

@@ -28,6 +28,7 @@ from kefu.cluster import redis_client as rc
 from kefu.cluster import view
 from kefu.cluster.ring import Ring
 from kefu.metrics import Metrics
+from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Membership:
         try:
             await self.beat()
         except rc.REDIS_ERRORS as exc:
+            stop_if_cancelled()
             log.warning("cluster: first heartbeat failed (%s): retrying", exc)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="kefu-membership")
 
@@ -117,10 +119,12 @@ class Membership:
             try:
                 await self.beat()
             except rc.REDIS_ERRORS as exc:
+                stop_if_cancelled()
                 self.healthy = False
                 self.metrics.cluster_errors.labels(operation="heartbeat").inc()
                 log.warning("cluster: heartbeat failed: %s", exc)
             except Exception:  # pragma: no cover - a bug must not stop the heartbeat
+                stop_if_cancelled()
                 log.exception("cluster: heartbeat failed")
 
     async def beat(self) -> None:

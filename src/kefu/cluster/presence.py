@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from kefu.cluster import redis_client as rc
 from kefu.hub import Hub
 from kefu.metrics import Metrics
+from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Presence:
                 try:
                     await self._write(batch)
                 except Exception as exc:  # Redis errors, and a bug must not stop presence
+                    stop_if_cancelled()
                     self.dirty = True
                     self.metrics.cluster_errors.labels(operation="presence").inc()
                     log.warning("presence: write failed (%r): will resync", exc)

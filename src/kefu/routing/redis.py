@@ -26,6 +26,7 @@ from kefu.cluster import redis_client as rc
 from kefu.errors import ClusterError, ErrorCode
 from kefu.model import AgentStatus
 from kefu.routing.base import AgentState, Assignment, QueueEntry, RoutingBackend, refuse
+from kefu.tasks import stop_if_cancelled
 
 PREFIX = "kefu:{rt}:"
 #: Set once the shared state was rebuilt from the store; gone when Redis lost its data.
@@ -65,6 +66,7 @@ class RedisRouting(RoutingBackend):
         try:
             return await self._script(keys=[PREFIX + "agents"], args=[op, *args])
         except rc.REDIS_ERRORS as exc:
+            stop_if_cancelled()
             raise ClusterError(f"routing state unavailable: {exc}") from exc
 
     # -- rebuilding ---------------------------------------------------------------------
