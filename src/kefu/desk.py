@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from kefu import ids, schedule
+from kefu import ids, schedule, tasks
 from kefu.broker import Broker
 from kefu.config import Config
 from kefu.errors import (
@@ -66,7 +66,6 @@ from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import AgentState, Assignment, QueueEntry, RoutingBackend, RoutingError
 from kefu.store.base import ConversationFilter, MessageStore
-from kefu.tasks import stop_if_cancelled
 from kefu.views import agent_frame, conversation_info, message_frame, message_json
 from kefu.webhooks import Webhooks
 
@@ -204,13 +203,7 @@ class Desk:
         self._closing = True
         self._wake.set()
         self.positions.stop()
-        tasks = [*self._tasks, *self._background]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
-            for task in stuck:  # pragma: no cover - a task that ignores its cancellation
-                log.error("desk task %s did not stop", task.get_name())
+        await tasks.stop([*self._tasks, *self._background], timeout=CLOSE_TIMEOUT)
         self._tasks = []
         await self.routing.close()
 
@@ -1198,14 +1191,14 @@ class Desk:
                     await self.dispatch(group)
                     backoff = 0.05
                 except (StoreError, ClusterError, OSError) as exc:
-                    stop_if_cancelled()
+                    tasks.stop_if_cancelled()
                     log.warning("dispatch of %s failed (%s): retrying", group, exc)
                     self._dirty.add(group)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     self._wake.set()
                 except Exception:
-                    stop_if_cancelled()
+                    tasks.stop_if_cancelled()
                     log.exception("dispatch of %s failed", group)
 
     # -- timers -----------------------------------------------------------------------------------
@@ -1216,7 +1209,7 @@ class Desk:
             try:
                 await self.tick()
             except Exception:
-                stop_if_cancelled()
+                tasks.stop_if_cancelled()
                 log.exception("desk timers failed")
 
     async def tick(self) -> None:

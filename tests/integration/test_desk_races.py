@@ -280,7 +280,7 @@ async def test_a_message_to_a_closed_conversation_answers_a_wait(hd: Harness) ->
     assert (await hd.stored(closed)).successor_id == reopened  # resends follow the link
 
 
-async def test_an_assignment_undone_while_it_waited(make_desk: MakeDesk) -> None:
+async def test_an_assignment_undone_while_it_waited(make_desk: MakeDesk, kefu_backend: str) -> None:
     hd = await make_desk(sweep_interval=100.0)
     agent = await hd.agent("agent-1")
     await agent.ok("status", "agent", status="away")
@@ -290,7 +290,10 @@ async def test_an_assignment_undone_while_it_waited(make_desk: MakeDesk) -> None
     dispatching = asyncio.ensure_future(desk.dispatch("general"))
     await asyncio.sleep(0)  # the slot is taken; recording it waits for the conversation
     await desk.set_status(Principal("agent-1", Role.AGENT), AgentStatus.OFFLINE)
-    assert await dispatching == 0
+    # In memory the assignment is given back before it is recorded (0). With a shared
+    # routing state (Redis round trips) it may be recorded first and then requeued by the
+    # agent going offline (1). Either way it ends queued, unassigned, once:
+    assert await dispatching in ((0,) if kefu_backend == "embedded" else (0, 1))
     stored = await hd.stored(conv)
     state = await desk.routing.agent("agent-1")
     assert stored.state.value == "queued" and stored.agent_id is None

@@ -30,6 +30,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from kefu import tasks
 from kefu.broker import Broker
 from kefu.cluster import redis_client as rc
 from kefu.cluster.membership import Membership, new_incarnation
@@ -41,7 +42,6 @@ from kefu.hub import Hub
 from kefu.metrics import Metrics
 from kefu.protocol import frames as f
 from kefu.session import Session
-from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class RedisBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def client(self) -> rc.RedisClient:
@@ -152,7 +153,7 @@ class RedisBroker(Broker):
                 self._client, self.cluster = await rc.connect(self.url)
                 break
             except rc.REDIS_ERRORS as exc:
-                stop_if_cancelled()
+                tasks.stop_if_cancelled()
                 if time.monotonic() > deadline:
                     raise ClusterError(f"cannot reach Redis at {self.url}: {exc}") from exc
                 log.warning("Redis not reachable yet (%s): retrying", exc)
@@ -187,11 +188,9 @@ class RedisBroker(Broker):
             await asyncio.wait_for(self._subscribed.wait(), 5.0)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._closing = True
+        self._wake.set()
+        await tasks.stop([*self._tasks, *self._background])
         if self._presence is not None:
             await self._presence.close()
         if self._membership is not None:
@@ -217,7 +216,7 @@ class RedisBroker(Broker):
         try:
             await self.client.publish(rc.SETTINGS_CHANNEL, payload)
         except rc.REDIS_ERRORS as exc:
-            stop_if_cancelled()
+            tasks.stop_if_cancelled()
             self.metrics.cluster_errors.labels(operation="announce").inc()
             log.warning("announcement not sent: %s", exc)
 
@@ -251,7 +250,7 @@ class RedisBroker(Broker):
             pipe.delete(key)
             frames, _ = await pipe.execute()
         except rc.REDIS_ERRORS as exc:
-            stop_if_cancelled()
+            tasks.stop_if_cancelled()
             self.metrics.cluster_errors.labels(operation="inbox").inc()
             log.warning("inbox of %s not drained: %s", session.user_id, exc)
             return
@@ -281,8 +280,10 @@ class RedisBroker(Broker):
         self._wake.set()
 
     async def _publish_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             while self._outbox:
                 batch = self._outbox[:ROUND_FRAMES]
@@ -290,7 +291,7 @@ class RedisBroker(Broker):
                 try:
                     await self._publish(batch)
                 except Exception as exc:  # Redis errors, and a bug must not stop delivery
-                    stop_if_cancelled()
+                    tasks.stop_if_cancelled()
                     # Those pushes are lost; the frames are stored and clients sync.
                     self.metrics.cluster_errors.labels(operation="publish").inc()
                     log.warning("publish of %d frames failed: %r", len(batch), exc)
@@ -356,7 +357,7 @@ class RedisBroker(Broker):
     async def _subscribe_loop(self) -> None:
         backoff = BACKOFF_INITIAL
         first = True
-        while True:
+        while not self._closing:
             conn: Redis | None = None
             pubsub: PubSub | None = None
             try:
@@ -375,7 +376,7 @@ class RedisBroker(Broker):
                 self._subscribed.set()
                 self.metrics.cluster_redis_up.set(1)
                 backoff = BACKOFF_INITIAL
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=1.0)
                     kind = rc.text(message["type"]) if message is not None else ""
                     if message is not None and kind in ("message", "smessage"):
@@ -386,7 +387,7 @@ class RedisBroker(Broker):
                     elif self.presence.dirty:
                         await self.presence.resync()
             except rc.REDIS_ERRORS as exc:
-                stop_if_cancelled()
+                tasks.stop_if_cancelled()
                 self.metrics.cluster_redis_up.set(0)
                 self.metrics.cluster_errors.labels(operation="subscribe").inc()
                 log.warning("delivery subscription lost (%s): resubscribing", exc)

@@ -24,11 +24,11 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from kefu import tasks
 from kefu.cluster import redis_client as rc
 from kefu.cluster import view
 from kefu.cluster.ring import Ring
 from kefu.metrics import Metrics
-from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Membership:
         self.restart_listeners: list[Callable[[], None]] = []
         self._run_ids: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.healthy = False
 
     # -- queries --------------------------------------------------------------------------
@@ -100,31 +101,30 @@ class Membership:
         try:
             await self.beat()
         except rc.REDIS_ERRORS as exc:
-            stop_if_cancelled()
+            tasks.stop_if_cancelled()
             log.warning("cluster: first heartbeat failed (%s): retrying", exc)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="kefu-membership")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop([self._task])
         with contextlib.suppress(*rc.REDIS_ERRORS):
             await self.client.zrem(rc.MEMBERS, self.incarnation)
             await self.client.delete(rc.member_info(self.incarnation))
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.heartbeat)
             try:
                 await self.beat()
             except rc.REDIS_ERRORS as exc:
-                stop_if_cancelled()
+                tasks.stop_if_cancelled()
                 self.healthy = False
                 self.metrics.cluster_errors.labels(operation="heartbeat").inc()
                 log.warning("cluster: heartbeat failed: %s", exc)
             except Exception:  # pragma: no cover - a bug must not stop the heartbeat
-                stop_if_cancelled()
+                tasks.stop_if_cancelled()
                 log.exception("cluster: heartbeat failed")
 
     async def beat(self) -> None:

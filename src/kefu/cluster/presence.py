@@ -17,10 +17,10 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
+from kefu import tasks
 from kefu.cluster import redis_client as rc
 from kefu.hub import Hub
 from kefu.metrics import Metrics
-from kefu.tasks import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Presence:
         self._pending: list[tuple[str, str, bool]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         #: A write failed: the whole share must be written again.
         self.dirty = False
 
@@ -48,10 +49,10 @@ class Presence:
 
     async def close(self) -> None:
         """Remove this node's entries (a graceful stop), then stop writing."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop([self._task])
         with contextlib.suppress(*rc.REDIS_ERRORS):
             await self.purge(self.incarnation)
 
@@ -64,8 +65,10 @@ class Presence:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             while self._pending:
                 batch = self._pending[:WRITE_BATCH]
@@ -73,7 +76,7 @@ class Presence:
                 try:
                     await self._write(batch)
                 except Exception as exc:  # Redis errors, and a bug must not stop presence
-                    stop_if_cancelled()
+                    tasks.stop_if_cancelled()
                     self.dirty = True
                     self.metrics.cluster_errors.labels(operation="presence").inc()
                     log.warning("presence: write failed (%r): will resync", exc)
