@@ -124,6 +124,10 @@ else:
     Conn = asyncpg.pool.PoolConnectionProxy
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset hook: nothing to reset (see :meth:`PostgresStore.start`)."""
+
+
 class _Sql:
     """Numbered placeholders for a statement built piece by piece."""
 
@@ -187,6 +191,12 @@ class PostgresStore(MessageStore):
                 max_size=self.pool_max,
                 command_timeout=self.command_timeout,
                 timeout=self.command_timeout,
+                # Kefu keeps no session state on pooled connections (no LISTEN, cursors,
+                # session locks or SETs): skip asyncpg's four-statement reset per release.
+                reset=_keep_session,
+                # The batch statements are prepared once; a generic plan made while the
+                # tables were nearly empty would scan them forever after.
+                server_settings={"plan_cache_mode": "force_custom_plan"},
             )
         except STATEMENT_ERRORS as exc:
             raise StoreError(f"cannot open the database: {exc}") from exc
