@@ -3,7 +3,10 @@
 ``kefu bench run`` drives nodes that are already running; ``kefu bench local`` starts a
 node (and the echo server) itself, runs every measurement and writes docs/benchmarks.md;
 ``kefu bench desk`` measures the help desk (assignment, queue positions) against nodes it
-starts and rewrites the doc's "Help desk" section. See docs/benchmarks.md for the method.
+starts and rewrites the doc's "Help desk" section; ``kefu bench cluster`` starts Redis,
+PostgreSQL and N nodes and measures cross-node chat (or, with ``--connections``, how many
+idle connections M nodes hold) and rewrites its own section. See docs/benchmarks.md for the
+method.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kefu.bench import cluster as cl
 from kefu.bench import report
 from kefu.bench.desk import QUICK, DeskOptions, DeskResults, parse_floats, run_desk
 from kefu.bench.local import LocalOptions, LocalResults, run_local
@@ -95,6 +99,47 @@ def build_parser() -> argparse.ArgumentParser:
     desk.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     desk.add_argument("--no-doc", action="store_true", help="print only")
     desk.add_argument("--save", type=Path, help="also keep the raw results (pickle) here")
+
+    clu = sub.add_parser(
+        "cluster",
+        help="Redis + PostgreSQL + N nodes: cross-node chat, or --connections capacity",
+        description="Start a redis-server, a PostgreSQL and N nodes (kefu cluster up's code; "
+        "or use --redis-url/--database-url) and drive 1:1 chats whose two ends are on "
+        "different nodes: a rate ladder, then sustained windows. With --connections: M nodes, "
+        "idle connections in steps with a cross-node probe at each, until a step fails.",
+    )
+    clu.add_argument("--nodes", type=int, help="nodes (3; 6 with --connections)")
+    clu.add_argument(
+        "--connections",
+        type=int,
+        nargs="?",
+        const=cl.CONNECTIONS_TARGET,
+        metavar="N",
+        help=f"capacity mode: idle connections up to N ({cl.CONNECTIONS_TARGET:,})",
+    )
+    clu.add_argument("--conn-step", type=int, default=25_000, help="connections per step")
+    clu.add_argument("--per-worker", type=int, default=12_500, help="sockets per process")
+    clu.add_argument("--idle-seconds", type=float, default=10.0, help="quiet window per step")
+    clu.add_argument("--sockets", type=int, default=6_000, help="throughput mode: sockets")
+    clu.add_argument("--workers", type=int, help="throughput mode: client processes")
+    clu.add_argument("--rate", type=float, default=5000.0, help="the latency target's rate")
+    clu.add_argument("--target-rate", type=float, default=cl.THROUGHPUT_TARGET)
+    clu.add_argument("--steps", type=parse_floats, help="ladder rates (1000,2000,...,13000)")
+    clu.add_argument("--step-seconds", type=float, default=8.0)
+    clu.add_argument("--windows", type=int, default=3, help="sustained windows per rate")
+    clu.add_argument("--window-seconds", type=float, default=10.0)
+    clu.add_argument("--drain", type=float, default=5.0)
+    clu.add_argument("--text-size", type=int, default=100)
+    clu.add_argument("--connect-timeout", type=float, default=240.0)
+    clu.add_argument("--redis-url", default="", help="use this Redis (loopback)")
+    clu.add_argument("--database-url", default="", help="use this PostgreSQL (loopback)")
+    clu.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="node setting"
+    )
+    clu.add_argument("--quick", action="store_true", help="a small smoke run (~1 minute)")
+    clu.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    clu.add_argument("--no-doc", action="store_true", help="print only")
+    clu.add_argument("--save", type=Path, help="also keep the raw results (pickle) here")
 
     render = sub.add_parser("render", help="print and write the doc again from --save results")
     render.add_argument("results", type=Path)
@@ -191,7 +236,7 @@ def _publish(results: LocalResults, args: argparse.Namespace) -> int:
     if not args.no_doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         previous = args.doc.read_text(encoding="utf-8") if args.doc.exists() else ""
-        doc = report.markdown(results, report.kept_notes(previous), report.kept_desk(previous))
+        doc = report.markdown(results, report.kept_notes(previous), report.kept_sections(previous))
         args.doc.write_text(doc, encoding="utf-8")
         _progress(f"wrote {args.doc}")
     return 0
@@ -201,6 +246,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     results = pickle.loads(args.results.read_bytes())  # a file this command wrote
     if isinstance(results, DeskResults):
         return _publish_desk(results, args)
+    if isinstance(results, cl.ClusterResults | cl.CapacityResults):
+        return _publish_cluster(results, args)
     if not isinstance(results, LocalResults):
         print(f"kefu bench: {args.results} does not hold bench results", file=sys.stderr)
         return 2
@@ -269,6 +316,103 @@ def _publish_desk(results: DeskResults, args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(pairs: Sequence[str]) -> tuple[tuple[str, str], ...] | str:
+    out = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            return f"--set {pair!r}: expected NAME=VALUE"
+        out.append((name.strip(), value.strip()))
+    return tuple(out)
+
+
+def cluster_options(args: argparse.Namespace) -> cl.ClusterOptions | cl.CapacityOptions | str:
+    """The options of ``kefu bench cluster`` (either mode), or what is wrong with them."""
+    settings = _settings(args.set)
+    if isinstance(settings, str):
+        return settings
+    for url in (args.redis_url, args.database_url):
+        if url and not cl.loopback_server(url):
+            return f"{url}: the bench only uses servers on loopback addresses"
+    if args.connections is not None:
+        quick = args.quick and args.connections == cl.CONNECTIONS_TARGET
+        capacity = cl.CapacityOptions(
+            nodes=args.nodes or (3 if args.quick else 6),
+            target=6_000 if quick else args.connections,
+            step=2_000 if args.quick else args.conn_step,
+            per_worker=args.per_worker,
+            idle_seconds=2.0 if args.quick else args.idle_seconds,
+            redis_url=args.redis_url,
+            database_url=args.database_url,
+            settings=settings,
+        )
+        return cl.capacity_problem(capacity) or capacity
+    steps = args.steps or ((500.0, 1000.0, 2000.0) if args.quick else cl.ClusterOptions().steps)
+    options = cl.ClusterOptions(
+        nodes=args.nodes or 3,
+        sockets=1_000 if args.quick and args.sockets == 6_000 else args.sockets,
+        workers=args.workers,
+        text_size=args.text_size,
+        steps=tuple(steps),
+        step_seconds=3.0 if args.quick else args.step_seconds,
+        drain=2.0 if args.quick else args.drain,
+        rate=1000.0 if args.quick else args.rate,
+        target_rate=2000.0 if args.quick else args.target_rate,
+        windows=1 if args.quick else args.windows,
+        window_seconds=3.0 if args.quick else args.window_seconds,
+        warmup_seconds=1.0 if args.quick else 5.0,
+        connect_timeout=args.connect_timeout,
+        redis_url=args.redis_url,
+        database_url=args.database_url,
+        settings=settings,
+    )
+    if options.nodes < 2:
+        return "--nodes must be >= 2 (every pair is cross-node)"
+    if options.sockets < 2 * options.nodes or options.sockets % 2 or options.sockets > 100_000:
+        return "--sockets must be even, >= 2 x --nodes and <= 100,000"
+    if min(options.steps) <= 0 or options.rate <= 0 or options.target_rate <= 0:
+        return "rates must be positive"
+    if options.windows < 1 or options.window_seconds <= 0 or options.step_seconds <= 0:
+        return "windows and durations must be positive"
+    return options
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    options = cluster_options(args)
+    if isinstance(options, str):
+        print(f"kefu bench: {options}", file=sys.stderr)
+        return 2
+    results: cl.ClusterResults | cl.CapacityResults
+    if isinstance(options, cl.CapacityOptions):
+        results = cl.run_capacity(options, _progress)
+    else:
+        results = cl.run_cluster(options, _progress)
+    if args.save is not None:
+        args.save.write_bytes(pickle.dumps(results))
+    return _publish_cluster(results, args)
+
+
+def _publish_cluster(
+    results: cl.ClusterResults | cl.CapacityResults, args: argparse.Namespace
+) -> int:
+    if isinstance(results, cl.CapacityResults):
+        print(cl.capacity_text(results))
+        begin, end, section = (
+            report.CAPACITY_BEGIN,
+            report.CAPACITY_END,
+            cl.capacity_markdown(results),
+        )
+    else:
+        print(cl.cluster_text(results))
+        begin, end, section = report.CLUSTER_BEGIN, report.CLUSTER_END, cl.cluster_markdown(results)
+    if not args.no_doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        previous = args.doc.read_text(encoding="utf-8") if args.doc.exists() else ""
+        args.doc.write_text(report.splice_section(previous, begin, end, section), encoding="utf-8")
+        _progress(f"wrote the {section.splitlines()[1][3:]} section of {args.doc}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -278,6 +422,8 @@ def main(argv: list[str]) -> int:
             return _cmd_render(args)
         if args.command == "desk":
             return _cmd_desk(args)
+        if args.command == "cluster":
+            return _cmd_cluster(args)
         return _cmd_local(args)
     except KeyboardInterrupt:
         print("kefu bench: interrupted", file=sys.stderr)

@@ -83,8 +83,13 @@ class LocalResults:
 def node_settings(options: LocalOptions) -> dict[str, str]:
     """Node settings for the run: defaults, but a per-connection rate limit high enough
     for the top saturation step (so the limit is not what the steps measure)."""
-    top = max((*options.steps, options.rate))
-    per_socket = per_connection_rate(top, options.connections)
+    return rate_settings(max((*options.steps, options.rate)), options.connections)
+
+
+def rate_settings(top: float, connections: int) -> dict[str, str]:
+    """``rate_per_second``/``rate_burst`` when ``top`` msg/s over ``connections`` sockets
+    would come near the default per-connection limit (20/s); else nothing."""
+    per_socket = per_connection_rate(top, connections)
     settings: dict[str, str] = {}
     if per_socket * 2 > 20:
         rate = math.ceil(per_socket * 4)

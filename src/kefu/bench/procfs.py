@@ -6,9 +6,33 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 PROC = Path("/proc")
+
+#: The server processes a meter watches: one pid, several (a cluster's nodes), or none.
+Pids = int | Sequence[int] | None
+
+
+def pid_list(pids: Pids) -> list[int]:
+    """``pids`` as a list (empty for None)."""
+    if pids is None:
+        return []
+    return [pids] if isinstance(pids, int) else list(pids)
+
+
+def cpu_seconds_of(pids: Pids) -> float | None:
+    """CPU time of every pid in ``pids`` (see :func:`cpu_seconds`), summed; None when
+    there is no pid or one of them cannot be read."""
+    total = 0.0
+    listed = pid_list(pids)
+    for pid in listed:
+        used = cpu_seconds(pid)
+        if used is None:
+            return None
+        total += used
+    return total if listed else None
 
 
 def parse_vmrss_kb(status: str) -> int | None:
@@ -87,11 +111,20 @@ def machine() -> dict[str, str]:
     }
 
 
-def parse_meminfo_total(meminfo: str) -> int:
+def parse_meminfo_total(meminfo: str, field: str = "MemTotal") -> int:
+    """A ``/proc/meminfo`` field in KiB (0 when absent)."""
     for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def mem_available_kb() -> int | None:
+    """The machine's MemAvailable in KiB, or None if it cannot be read."""
+    try:
+        return parse_meminfo_total((PROC / "meminfo").read_text(), "MemAvailable") or None
+    except OSError:
+        return None
 
 
 def parse_machine_busy(stat: str) -> tuple[int, int]:
@@ -119,11 +152,11 @@ class CpuMeter:
     """CPU used over an interval by the server, the client workers and the whole machine,
     each as cores busy on average (1.0 = one core all the time)."""
 
-    def __init__(self, server: int | None, clients: list[int]) -> None:
-        self.server = server
+    def __init__(self, server: Pids, clients: list[int]) -> None:
+        self.server = pid_list(server)
         self.clients = clients
         self.started = time.monotonic()
-        self._server0 = cpu_seconds(server) if server else None
+        self._server0 = cpu_seconds_of(self.server)
         self._clients0 = self._clients()
         self._machine0 = machine_busy_seconds()
 
@@ -136,7 +169,7 @@ class CpuMeter:
         nan = float("nan")
         server = nan
         if self.server and self._server0 is not None:
-            now = cpu_seconds(self.server)
+            now = cpu_seconds_of(self.server)
             server = nan if now is None else (now - self._server0) / wall
         clients = (self._clients() - self._clients0) / wall
         busy, steal = machine_busy_seconds()
@@ -145,14 +178,15 @@ class CpuMeter:
         return server, clients, max(0.0, other), (steal - self._machine0[1]) / wall
 
 
-def wait_quiet(pid: int, *, below: float = 0.25, timeout: float = 60.0) -> float:
-    """Wait until ``pid`` uses less than ``below`` cores over half a second (a server
-    working off a backlog), at most ``timeout`` seconds; return the seconds waited."""
+def wait_quiet(pid: Pids, *, below: float = 0.25, timeout: float = 60.0) -> float:
+    """Wait until ``pid`` (summed over several) uses less than ``below`` cores over half
+    a second (a server working off a backlog), at most ``timeout`` seconds; return the
+    seconds waited."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        before = cpu_seconds(pid)
+        before = cpu_seconds_of(pid)
         time.sleep(0.5)
-        after = cpu_seconds(pid)
+        after = cpu_seconds_of(pid)
         if before is None or after is None or (after - before) / 0.5 < below:
             break
     return time.monotonic() - started

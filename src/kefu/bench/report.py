@@ -296,7 +296,7 @@ def markdown(results: LocalResults, notes: str = "", desk: str = "") -> str:
         "",
         f"Figures from `scripts/bench local` (`kefu bench local`), run {when}, "
         f"{minutes:.0f} minutes. Each run rewrites this file except the hand-written "
-        "Findings at the end.",
+        "Findings at the end and the sections the other modes write (help desk, cluster).",
         "",
         "## Machine",
         "",
@@ -410,6 +410,8 @@ def markdown(results: LocalResults, notes: str = "", desk: str = "") -> str:
         'scripts/bench run --url http://127.0.0.1:8080 --secret "$KEFU_JWT_SECRET" \\',
         "    --connections 2000 --rate 1000 --duration 30   # against running nodes",
         "scripts/bench desk                       # the help desk; rewrites its section only",
+        "scripts/bench cluster                    # Redis + PostgreSQL + 3 nodes; its section",
+        "scripts/bench cluster --connections      # 6 nodes, up to 150,000 connections",
         "```",
         "",
     ]
@@ -450,8 +452,9 @@ def _notes(results: LocalResults) -> list[str]:
         "server."
     )
     notes.append(
-        "- **Not measured here**: cross-node delivery (needs the Redis broker), "
-        "PostgreSQL, and a real network: loopback has no loss and near-zero RTT."
+        "- **Not measured here**: cross-node delivery and PostgreSQL (see the Cluster "
+        "sections, `kefu bench cluster`), and a real network: loopback has no loss and "
+        "near-zero RTT."
     )
     return notes
 
@@ -463,21 +466,56 @@ DESK_END = "<!-- /help desk -->"
 FINDINGS_HEADING = "## Findings"
 
 
+CLUSTER_BEGIN = "<!-- cluster: written by `kefu bench cluster`, kept by the other modes -->"
+CLUSTER_END = "<!-- /cluster -->"
+CAPACITY_BEGIN = (
+    "<!-- cluster capacity: written by `kefu bench cluster --connections`, kept by the "
+    "other modes -->"
+)
+CAPACITY_END = "<!-- /cluster capacity -->"
+#: The sections one mode writes and every other mode keeps, in the doc's order.
+KEPT_SECTIONS = (
+    (DESK_BEGIN, DESK_END),
+    (CLUSTER_BEGIN, CLUSTER_END),
+    (CAPACITY_BEGIN, CAPACITY_END),
+)
+
+
+def kept_section(previous: str, begin: str, end: str) -> str:
+    """The section between the markers ``begin`` and ``end`` of an earlier
+    docs/benchmarks.md, markers included ('' if none)."""
+    start, stop = previous.find(begin), previous.find(end)
+    if start < 0 or stop < start:
+        return ""
+    return previous[start : stop + len(end)]
+
+
 def kept_desk(previous: str) -> str:
     """The help-desk section of an earlier docs/benchmarks.md, markers included ('' if
     none)."""
-    start, end = previous.find(DESK_BEGIN), previous.find(DESK_END)
-    if start < 0 or end < start:
-        return ""
-    return previous[start : end + len(DESK_END)]
+    return kept_section(previous, DESK_BEGIN, DESK_END)
+
+
+def kept_sections(previous: str) -> str:
+    """Every section of an earlier doc that another mode wrote (:data:`KEPT_SECTIONS`),
+    for ``kefu bench local`` to keep."""
+    found = (kept_section(previous, begin, end) for begin, end in KEPT_SECTIONS)
+    return "\n\n".join(section for section in found if section)
 
 
 def splice_desk(doc: str, section: str) -> str:
     """``doc`` with its help-desk section replaced by ``section`` (which carries the
     markers); a doc without one gets it before its Findings, else at its end. Nothing else
     of ``doc`` changes."""
+    return splice_section(doc, DESK_BEGIN, DESK_END, section)
+
+
+def splice_section(doc: str, begin: str, end: str, section: str) -> str:
+    """``doc`` with its section between ``begin`` and ``end`` replaced by ``section``
+    (which carries those markers); a doc without one gets it before its Findings, else at
+    its end. Nothing else of ``doc`` changes."""
     section = section.strip()
-    old = kept_desk(doc)
+    old = kept_section(doc, begin, end)
     if old:
         return doc.replace(old, section, 1)
     at = doc.find("\n" + FINDINGS_HEADING + "\n")

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from kefu.bench.procfs import rss_kb, wait_quiet
+from kefu.bench.procfs import Pids, rss_kb, wait_quiet
 from kefu.bench.stats import Latency, median, merge_counts
 from kefu.bench.swarm import Step, Swarm
 
@@ -136,7 +136,7 @@ def sustained(
     windows: int,
     seconds: float,
     drain: float,
-    server_pid: int | None,
+    server_pid: Pids,
     progress: Progress,
 ) -> Sustained:
     out = Sustained(rate=rate, windows=[])
@@ -148,7 +148,7 @@ def sustained(
     return out
 
 
-def _settle(step: Step, server_pid: int | None, progress: Progress) -> None:
+def _settle(step: Step, server_pid: Pids, progress: Progress) -> None:
     """After a step that left a backlog, let the server work it off before the next."""
     if server_pid and why_not(step):
         waited = wait_quiet(server_pid)
@@ -182,7 +182,7 @@ def saturate(
     rates: Sequence[float],
     seconds: float,
     drain: float,
-    server_pid: int | None,
+    server_pid: Pids,
     progress: Progress,
     *,
     failures: int = 1,

@@ -71,19 +71,20 @@ def merge_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 
 def source_addresses(
-    connections: int, *, per_address: int = PORTS_PER_ADDRESS, minimum: int = 2
+    connections: int, *, per_address: int = PORTS_PER_ADDRESS, minimum: int = 2, first: int = 2
 ) -> list[str]:
     """Loopback source addresses for ``connections`` client sockets: 127.0.0.2, .3, ...
+    (127.0.0.``first``, ... when several groups of sockets must not share addresses).
 
     Each bound source address has its own ~28k ephemeral ports; we use enough addresses to
     stay under ``per_address`` each, and at least ``minimum`` so spreading is always on.
     """
-    if connections < 0 or per_address < 1 or minimum < 1:
-        raise ValueError("connections must be >= 0, per_address and minimum >= 1")
+    if connections < 0 or per_address < 1 or minimum < 1 or first < 2:
+        raise ValueError("connections must be >= 0, per_address and minimum >= 1, first >= 2")
     count = max(minimum, math.ceil(connections / per_address))
-    if count > 253:
-        raise ValueError(f"{connections} connections need more than 253 loopback addresses")
-    return [f"127.0.0.{2 + i}" for i in range(count)]
+    if first + count - 1 > 254:
+        raise ValueError(f"{connections} connections need loopback addresses past 127.0.0.254")
+    return [f"127.0.0.{first + i}" for i in range(count)]
 
 
 def spread(index: int, items: Sequence[str]) -> str:
@@ -151,3 +152,35 @@ def prom_value(text: str, name: str) -> float:
             except (IndexError, ValueError):
                 return math.nan
     return math.nan
+
+
+def prom_samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text exposition, keyed by its name with its labels as
+    written (``kefu_cluster_deliveries_total{path="remote"}``); comments are skipped."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        # The value follows the last space outside the label set (label values may hold
+        # spaces); an optional timestamp after it is not used by the node.
+        close = line.rfind("}")
+        head, _, rest = line[close + 1 :].partition(" ") if close >= 0 else line.partition(" ")
+        key = line[: close + 1] if close >= 0 else head
+        value = rest.split()[0] if rest.split() else ""
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def sample_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of the parsed samples (:func:`prom_samples`) of ``name`` whose labels
+    include ``labels`` (0 if none)."""
+    total = 0.0
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(w in rest for w in want):
+            total += value
+    return total

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from kefu.bench import commands as c
 from kefu.bench import worker
-from kefu.bench.procfs import CpuMeter
+from kefu.bench.procfs import CpuMeter, Pids
 from kefu.bench.stats import (
     Latency,
     merge_counts,
@@ -104,6 +104,9 @@ class Step:
     e2e: Latency
     errors: dict[str, int]
     reconnects: int
+    #: Acks and pushes received in the window and in the drain after it.
+    acked_total: int = 0
+    delivered_total: int = 0
     server_cpu: float = float("nan")
     client_cpu: float = float("nan")
     other_cpu: float = float("nan")
@@ -137,6 +140,8 @@ def merge_steps(offered: float, parts: Sequence[c.StepResult]) -> Step:
         e2e=Latency.of(x for p in parts for x in p.e2e_latency),
         errors=merge_counts(p.errors for p in parts),
         reconnects=sum(p.reconnects for p in parts),
+        acked_total=sum(p.acked_total for p in parts),
+        delivered_total=sum(p.delivered_total for p in parts),
     )
 
 
@@ -190,7 +195,7 @@ class Swarm:
         cmd = c.Open(timeout=timeout)
         return self._call([cmd] * len(self._pipes), timeout + 15, c.OpenResult)
 
-    def run(self, rate: float, duration: float, drain: float, server_pid: int | None) -> Step:
+    def run(self, rate: float, duration: float, drain: float, server_pid: Pids) -> Step:
         rates = split_rate(rate, [len(s.pairs) for s in self.specs])
         cmds = [c.Run(rate=r, duration=duration, drain=drain) for r in rates]
         meter = CpuMeter(server_pid, self.pids)
