@@ -9,6 +9,7 @@ per-connection limits and hands valid requests to the :class:`ChatService`.
 from __future__ import annotations
 
 import asyncio
+import resource
 import logging
 import time
 from typing import Any
@@ -34,6 +35,20 @@ _AUTH_CLOSE = {
 }
 
 
+#: Open files kept for everything but client sockets: the store, Redis and PostgreSQL
+#: pools, the writer's pipes, logs, and sockets being refused.
+FD_RESERVE = 256
+
+
+def file_limit_cap() -> int:
+    """How many connections the open-file hard limit leaves room for (the node raises its
+    soft limit to the hard one at start-up)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 2**31
+    return max(1, hard - FD_RESERVE)
+
+
 class Gateway:
     def __init__(self, config: Config, *, metrics: Metrics, hub: Hub, service: ChatService) -> None:
         self.config = config
@@ -43,6 +58,20 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fd_cap = file_limit_cap()
+        if self._fd_cap < config.limits.max_connections:
+            log.warning(
+                "max_connections %d is above what the open-file limit allows: refusing "
+                "connections (4004) past %d instead",
+                config.limits.max_connections,
+                self._fd_cap,
+            )
+
+    @property
+    def max_connections(self) -> int:
+        """``max_connections``, held below the process's open-file limit: past the limit
+        the kernel would reset new sockets before they could get the documented 4004."""
+        return min(self.config.limits.max_connections, self._fd_cap)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -89,7 +118,7 @@ class Gateway:
                 "node is shutting down: connect to another",
             )
             return
-        if len(self.sessions) > self.config.limits.max_connections:
+        if len(self.sessions) > self.max_connections:
             await self._refuse(
                 session,
                 CloseCode.NODE_FULL,

@@ -667,6 +667,28 @@ async def test_node_full_4004(tmp_path: Path, http: aiohttp.ClientSession) -> No
         await still_serving(later)
 
 
+async def test_node_full_comes_before_the_open_file_limit(
+    tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_connections above what the open-file limit allows is held below it: the client
+    past it gets the documented node_full/4004, not a reset from an exhausted process."""
+    import kefu.gateway
+
+    monkeypatch.setattr(kefu.gateway, "file_limit_cap", lambda: 1)
+    async with custom_server(tmp_path, max_connections=20_000) as srv:
+        assert srv.node.gateway.max_connections == 1
+        first = await dial(http, srv.url, "cap-1")
+        over = await dial(http, srv.url, "cap-2", hello=False)
+        await expect_refused(over, "node_full", CloseCode.NODE_FULL)
+        await still_serving(first)
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:  # the real cap leaves the reserve free
+        monkeypatch.undo()
+        assert kefu.gateway.file_limit_cap() == hard - kefu.gateway.FD_RESERVE
+
+
 async def test_slow_consumer_closed_4001_and_resyncs(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
