@@ -9,8 +9,8 @@ per-connection limits and hands valid requests to the :class:`ChatService`.
 from __future__ import annotations
 
 import asyncio
-import resource
 import logging
+import resource
 import time
 from typing import Any
 
