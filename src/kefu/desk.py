@@ -477,7 +477,8 @@ class Desk:
         gate = self._opening.setdefault(key, _Gate())
         gate.users += 1
         try:
-            async with gate.lock:
+            # ... and across nodes (a no-op on one node).
+            async with gate.lock, self.routing.exclusive(f"open:{principal.user_id}:{group.id}"):
                 return await self._open_for_customer(principal, group, context_type, context)
         finally:
             gate.users -= 1

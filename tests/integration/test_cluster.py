@@ -248,3 +248,20 @@ async def test_subscriber_connection_is_plain_redis_on_the_channels_shard(
 
 async def test_redis_server_helper_is_used(redis_server: RedisServer) -> None:
     assert redis_server.running
+
+
+async def test_two_tabs_on_two_nodes_opening_at_once_get_one_conversation(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1 = await start_nodes(2)
+    for round_ in range(5):
+        user = f"cust-t{round_}"
+        tab0 = await connect_to(n0, user, "customer")
+        tab1 = await connect_to(n1, user, "customer")
+        replies = await asyncio.gather(
+            tab0.request({"op": "open", "id": "o"}), tab1.request({"op": "open", "id": "o"})
+        )
+        convs = {r["conversation"]["conv"] for r in replies}
+        assert len(convs) == 1, replies
+        await tab0.close()
+        await tab1.close()

@@ -14,6 +14,7 @@ twice, however many nodes call them. Times are Unix milliseconds, so that nodes 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from collections.abc import Collection
 
@@ -93,6 +94,12 @@ class RoutingBackend(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    def exclusive(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold ``key`` against every other holder of it, on any node, for a short step
+        (e.g. a customer's open: search, then create). One process needs nothing more
+        than its own locks: the default holds nothing."""
+        return contextlib.nullcontext()
 
     # -- recovery (the state is derived: see the module docstring) ------------------------------
 

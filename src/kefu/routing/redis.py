@@ -15,8 +15,12 @@ node rebuild it when it is missing (a new cluster, or a Redis that lost its data
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Collection, Sequence
+import secrets
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
 from importlib import resources
 from typing import Any
 
@@ -29,6 +33,9 @@ from kefu.routing.base import AgentState, Assignment, QueueEntry, RoutingBackend
 from kefu.tasks import stop_if_cancelled
 
 PREFIX = "kefu:{rt}:"
+#: How long :meth:`RedisRouting.exclusive` waits for a lock, and when a lock expires.
+LOCK_WAIT = 10.0
+LOCK_TTL_MS = 30_000
 #: Set once the shared state was rebuilt from the store; gone when Redis lost its data.
 BUILT = PREFIX + "built"
 REBUILDING = PREFIX + "rebuilding"
@@ -68,6 +75,30 @@ class RedisRouting(RoutingBackend):
         except rc.REDIS_ERRORS as exc:
             stop_if_cancelled()
             raise ClusterError(f"routing state unavailable: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[None]:
+        """A lock in Redis (``SET NX PX``, released only by its holder): waits up to
+        ``LOCK_WAIT`` s, then fails retryably; it expires by itself after ``LOCK_TTL_MS``
+        should its holder die."""
+        token = f"{self.incarnation}/{secrets.token_hex(6)}"
+        name = f"{PREFIX}lock:{key}"
+        deadline = time.monotonic() + LOCK_WAIT
+        pause = 0.005
+        try:
+            while not await self.client.set(name, token, nx=True, px=LOCK_TTL_MS):
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{key} is busy: retry")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
+        except rc.REDIS_ERRORS as exc:
+            stop_if_cancelled()
+            raise ClusterError(f"routing state unavailable: {exc}") from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ClusterError):
+                await self._call("unlock", key, token)
 
     # -- rebuilding ---------------------------------------------------------------------
 

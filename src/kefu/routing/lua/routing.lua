@@ -321,6 +321,14 @@ elseif op == "release" then
   redis.call("HDEL", P .. "una:" .. ARGV[2], ARGV[3])
   return 1
 
+elseif op == "unlock" then
+  -- Release a lock taken with SET <p>lock:<name> <token> NX PX: only by its holder.
+  if redis.call("GET", P .. "lock:" .. ARGV[2]) == ARGV[3] then
+    redis.call("DEL", P .. "lock:" .. ARGV[2])
+    return 1
+  end
+  return 0
+
 elseif op == "accepted" then
   redis.call("HDEL", P .. "una:" .. ARGV[2], ARGV[3])
   return 1
