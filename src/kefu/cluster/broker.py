@@ -126,6 +126,8 @@ class RedisBroker(Broker):
         self._subscribed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        #: Send the ``resync`` notice once presence has been rewritten.
+        self._resync_clients = False
 
     @property
     def client(self) -> rc.RedisClient:
@@ -200,9 +202,9 @@ class RedisBroker(Broker):
                 await self._client.aclose()
 
     def _redis_restarted(self) -> None:
-        """Presence may be gone: write it again, and tell clients pushes may be lost."""
+        """Presence may be gone: write it again, then tell clients pushes may be lost."""
         self.presence.dirty = True
-        self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
+        self._resync_clients = True
 
     # -- announcements --------------------------------------------------------------------
 
@@ -384,8 +386,12 @@ class RedisBroker(Broker):
                             self._announced(message["data"])
                         else:
                             self._received(message["data"])
-                    elif self.presence.dirty:
+                    if self.presence.dirty:  # busy or not: a missing presence loses pushes
                         await self.presence.resync()
+                        if self._resync_clients:
+                            # Only now: pushes sent before the rewrite found nobody here.
+                            self._resync_clients = False
+                            self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
             except rc.REDIS_ERRORS as exc:
                 tasks.stop_if_cancelled()
                 self.metrics.cluster_redis_up.set(0)
