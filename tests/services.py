@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, Self
 import pytest
 from redis.crc import key_slot
 
+from kefu.cluster.local import postgres_bindir
 from tests.process import free_port
 
 HOST = "127.0.0.1"
@@ -59,24 +60,6 @@ def _apt_install(*packages: str) -> None:
     apt = [*prefix, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]
     subprocess.run([*apt, "update", "-qq"], check=True)
     subprocess.run([*apt, "install", "-y", "-qq", *packages], check=True)
-
-
-def _postgres_bindir() -> Path | None:
-    """The directory holding ``initdb`` and ``postgres``: PATH first, else the highest
-    ``/usr/lib/postgresql/<version>/bin``."""
-    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
-    if initdb and postgres:
-        return Path(postgres).resolve().parent
-
-    def version(path: Path) -> tuple[int, ...]:
-        return tuple(int(part) for part in re.findall(r"\d+", path.parent.name))
-
-    found = [
-        bindir
-        for bindir in Path("/usr/lib/postgresql").glob("*/bin")
-        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file()
-    ]
-    return max(found, key=version) if found else None
 
 
 _install_lock = threading.Lock()
@@ -99,9 +82,9 @@ def ensure_postgres_installed() -> Path:
     """The directory of ``initdb`` and ``postgres``; installs Debian's ``postgresql``
     package when they are missing."""
     with _install_lock:
-        if _postgres_bindir() is None:
+        if postgres_bindir() is None:
             _apt_install("postgresql")
-        bindir = _postgres_bindir()
+        bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("initdb/postgres are missing and could not be installed")
         return bindir

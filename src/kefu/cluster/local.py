@@ -395,7 +395,7 @@ async def _redis_reachable(url: str) -> str | None:
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
 
-def _postgres_bindir() -> Path | None:
+def postgres_bindir() -> Path | None:
     """The directory of ``initdb`` and ``postgres``: PATH first, else the highest
     ``/usr/lib/postgresql/<version>/bin`` (Debian keeps them there)."""
     initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
@@ -609,7 +609,7 @@ class _Up:
         """The PostgreSQL URL and how it came about."""
         if self.plan.database_url:
             return self.plan.database_url, "given"
-        bindir = _postgres_bindir()
+        bindir = postgres_bindir()
         if bindir is None:
             raise Failed(
                 "PostgreSQL's initdb/postgres not found: install PostgreSQL (Debian: apt-get "
