@@ -39,13 +39,14 @@ class Broker(abc.ABC):
     async def close(self) -> None:
         return None
 
-    def announce(self, topic: str) -> None:
+    def announce(self, topic: str, data: str = "") -> None:
         """Tell every node (this one excepted) that ``topic`` changed: ``"desk"`` means
-        groups or agents were saved (they re-read them from the store)."""
+        groups or agents were saved (they re-read them from the store), ``"watch"`` that a
+        supervisor started or stopped watching (``data``: JSON [conversation, user, on])."""
         return None
 
-    def on_announce(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(topic)`` for every announcement from another node."""
+    def on_announce(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(topic, data)`` for every announcement from another node."""
         return None
 
     def session_opened(self, session: Session) -> None:

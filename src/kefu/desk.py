@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -169,9 +170,24 @@ class Desk:
         self._dirty.update(self.groups)
         self._wake.set()
 
-    def _announced(self, topic: str) -> None:
+    def _announced(self, topic: str, data: str) -> None:
         if topic == "desk":
             self._spawn(self.reload())
+        elif topic == "watch":  # another node's supervisor: their pushes come from here too
+            try:
+                conv_id, user, on = json.loads(data)
+            except ValueError:  # pragma: no cover - only Kefu nodes announce
+                return
+            self._set_watching(str(conv_id), str(user), bool(on))
+
+    def _set_watching(self, conv_id: str, user: str, on: bool) -> None:
+        if on:
+            self.watchers.setdefault(conv_id, set()).add(user)
+            return
+        users = self.watchers.get(conv_id, set())
+        users.discard(user)
+        if not users:
+            self.watchers.pop(conv_id, None)
 
     async def _recover(self, now: int) -> None:
         """A shared routing state that lost its data (Redis restarted empty) is rebuilt from
@@ -420,9 +436,8 @@ class Desk:
         if principal.role is Role.ADMIN:
             if remaining == 0:  # watching ends with the supervisor's last connection
                 for conv in [c for c, users in self.watchers.items() if principal.user_id in users]:
-                    self.watchers[conv].discard(principal.user_id)
-                    if not self.watchers[conv]:
-                        del self.watchers[conv]
+                    self._set_watching(conv, principal.user_id, False)
+                    self.broker.announce("watch", json.dumps([conv, principal.user_id, False]))
             return
         if principal.role is not Role.AGENT:
             return
@@ -987,13 +1002,8 @@ class Desk:
     async def watch(self, principal: Principal, conv: Conversation, on: bool) -> None:
         if principal.role is not Role.ADMIN:
             raise Forbidden("only supervisors watch conversations")
-        if on:
-            self.watchers.setdefault(conv.id, set()).add(principal.user_id)
-        else:
-            users = self.watchers.get(conv.id, set())
-            users.discard(principal.user_id)
-            if not users:
-                self.watchers.pop(conv.id, None)
+        self._set_watching(conv.id, principal.user_id, on)
+        self.broker.announce("watch", json.dumps([conv.id, principal.user_id, on]))
 
     async def rate(
         self, principal: Principal, conv_id: str, score: int, comment: str

@@ -138,7 +138,7 @@ class Node:
         membership.purgers.append(forget)
         self.broker.on_announce(self._announced)
 
-    def _announced(self, topic: str) -> None:
+    def _announced(self, topic: str, data: str) -> None:
         if topic == "config":
             task = asyncio.get_running_loop().create_task(self.load_cluster_settings())
             self._background.add(task)

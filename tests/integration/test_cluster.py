@@ -265,3 +265,32 @@ async def test_two_tabs_on_two_nodes_opening_at_once_get_one_conversation(
         assert len(convs) == 1, replies
         await tab0.close()
         await tab1.close()
+
+
+async def test_a_supervisor_watching_on_one_node_sees_a_conversation_served_on_another(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1 = await start_nodes(2)
+    boss = await connect_to(n0, "boss", "admin")
+    agent = await connect_to(n1, "agent-w", "agent")
+    customer = await connect_to(n1, "cust-w", "customer")
+    conv = await open_conversation(agent, "cust-w")
+    watch = await boss.request({"op": "watch", "id": "w", "conv": conv})
+    assert watch["op"] == "conversation", watch
+
+    async def both_nodes_know() -> bool:
+        return all("boss" in s.node.desk.watchers.get(conv, ()) for s in (n0, n1))
+
+    await eventually(both_nodes_know)
+    ack = await customer.request(send(conv, 1, "seen by the boss"))
+    push = await boss.recv_op("message")
+    assert (push["seq"], push["body"]["text"]) == (ack["seq"], "seen by the boss")
+    await boss.request({"op": "watch", "id": "u", "conv": conv, "on": False})
+
+    async def both_nodes_forget() -> bool:
+        return not any(conv in s.node.desk.watchers for s in (n0, n1))
+
+    await eventually(both_nodes_forget)
+    await boss.close()
+    await agent.close()
+    await customer.close()

@@ -73,15 +73,16 @@ class Envelope(msgspec.Struct, array_like=True):
 class Announcement(msgspec.Struct):
     topic: str
     origin: str
+    data: str = ""
 
 
 _encode_note = msgspec.msgpack.Encoder().encode
 _decode_note = msgspec.msgpack.Decoder(Announcement).decode
 
 
-def announcement(topic: str, origin: str) -> bytes:
+def announcement(topic: str, origin: str, data: str = "") -> bytes:
     """The payload that tells every node (but ``origin``) that ``topic`` changed."""
-    return _encode_note(Announcement(topic=topic, origin=origin))
+    return _encode_note(Announcement(topic=topic, origin=origin, data=data))
 
 
 async def read_settings(client: rc.RedisClient) -> dict[str, str]:
@@ -110,7 +111,7 @@ class RedisBroker(Broker):
     ) -> None:
         self.hub = hub
         self.incarnation = incarnation or new_incarnation(config.node_id)
-        self._announce_callbacks: list[Callable[[str], None]] = []
+        self._announce_callbacks: list[Callable[[str, str], None]] = []
         self.config = config
         self.url = config.cluster.redis_url
         self.metrics = metrics
@@ -208,8 +209,8 @@ class RedisBroker(Broker):
 
     # -- announcements --------------------------------------------------------------------
 
-    def announce(self, topic: str) -> None:
-        payload = announcement(topic, self.incarnation)
+    def announce(self, topic: str, data: str = "") -> None:
+        payload = announcement(topic, self.incarnation, data)
         task = asyncio.get_running_loop().create_task(self._announce(payload))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -222,7 +223,7 @@ class RedisBroker(Broker):
             self.metrics.cluster_errors.labels(operation="announce").inc()
             log.warning("announcement not sent: %s", exc)
 
-    def on_announce(self, callback: Callable[[str], None]) -> None:
+    def on_announce(self, callback: Callable[[str, str], None]) -> None:
         self._announce_callbacks.append(callback)
 
     def _announced(self, payload: bytes) -> None:
@@ -233,7 +234,7 @@ class RedisBroker(Broker):
         if note.origin == self.incarnation:
             return
         for callback in self._announce_callbacks:
-            callback(note.topic)
+            callback(note.topic, note.data)
 
     # -- sessions -------------------------------------------------------------------------
 
