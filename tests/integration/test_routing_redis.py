@@ -2,19 +2,23 @@
 
 Every example test of that module is collected here again with ``routing`` bound to a
 :class:`RedisRouting` on the test run's throwaway Redis (the Lua script does the work);
-the hypothesis state machine stays on the embedded backend.
+the hypothesis state machine runs on it too (RedisRoutingMachine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from kefu.model import AgentStatus
 from kefu.routing.base import QueueEntry
 from kefu.routing.redis import RedisRouting
+from tests.services import RedisServer
 from tests.unit import test_routing as contract
 
 for _name in dir(contract):
@@ -96,3 +100,61 @@ async def test_rebuild_is_claimed_once(redis_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+# -- the state machine, on Redis ----------------------------------------------------------------
+
+_machine_redis: RedisServer | None = None
+
+
+def _redis_for_machine() -> RedisServer:
+    """A Redis of this module's own (hypothesis test cases take no pytest fixtures)."""
+    global _machine_redis
+    if _machine_redis is None:
+        _machine_redis = RedisServer()
+        _machine_redis.start()
+        atexit.register(_machine_redis.close)
+    return _machine_redis
+
+
+async def _finished(value: object) -> object:
+    return value
+
+
+class _Driven:
+    """RedisRouting's coroutines run to completion on the machine's loop, handed back as
+    finished coroutines: the machine's ``drive`` (which forbids suspending, for the
+    in-memory backend) takes them as they are."""
+
+    def __init__(self, routing: RedisRouting, loop: asyncio.AbstractEventLoop) -> None:
+        self._routing = routing
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._routing, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _finished(self._loop.run_until_complete(method(*args, **kwargs)))
+
+        return call
+
+
+class RedisRoutingMachine(contract.RoutingMachine):
+    """The same random interleavings, checked against the same model, on the Lua script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        server = _redis_for_machine()
+        server.flushall()
+        self.loop = asyncio.new_event_loop()
+        self.real = RedisRouting(server.url, "machine/1")
+        self.loop.run_until_complete(self.real.start())
+        self.r = _Driven(self.real, self.loop)  # type: ignore[assignment]
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.real.close())
+        self.loop.close()
+
+
+TestRedisRoutingMachine = RedisRoutingMachine.TestCase
+TestRedisRoutingMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
