@@ -116,6 +116,10 @@ class ClusterSettings:
     pg_pool_max: int = 10
     #: A PostgreSQL statement unanswered this long fails (retryably).
     pg_command_timeout: float = 5.0
+    #: The URL other nodes, ``kefu route`` and the admin API give for this node. Empty:
+    #: ``http://HOST:PORT`` with the port actually bound (the machine's name when HOST is
+    #: a wildcard address such as 0.0.0.0).
+    advertise_url: str = ""
     #: This node's share of the ring (background work and the load balancer's hashing).
     node_weight: float = 1.0
     #: Ring points per node of weight 1.

@@ -144,6 +144,14 @@ class Node:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def advertise(self, url: str) -> None:
+        """The URL the node is reachable at (known once it listens): in cluster mode it is
+        published with the next membership heartbeat."""
+        from kefu.cluster.broker import RedisBroker
+
+        if isinstance(self.broker, RedisBroker) and self.broker._membership is not None:
+            self.broker.membership.url = url
+
     async def load_cluster_settings(self) -> None:
         """Apply the cluster-wide runtime settings kept in Redis (``kefu config set``)."""
         from kefu.cluster import redis_client as rc

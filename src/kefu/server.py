@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -90,6 +91,18 @@ class Server:
             if isinstance(address, tuple):
                 self.port = int(address[1])
                 break
+        self.node.advertise(self.advertised_url)
+
+    @property
+    def advertised_url(self) -> str:
+        """How others reach this node: ``advertise_url``, else ``http://HOST:PORT`` with the
+        bound port (and the machine's name for a wildcard HOST)."""
+        if self.config.cluster.advertise_url:
+            return self.config.cluster.advertise_url
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop listening, drain the node (acks flushed, clients closed 1012), release."""

@@ -294,3 +294,17 @@ async def test_a_supervisor_watching_on_one_node_sees_a_conversation_served_on_a
     await boss.close()
     await agent.close()
     await customer.close()
+
+
+async def test_nodes_advertise_the_url_they_listen_on(start_nodes: StartNodes) -> None:
+    (n0,) = await start_nodes(1)  # port 0: the advertised URL has the bound port
+    (n1,) = await start_nodes(1, advertise_url="http://kefu-1.kefu.svc:8080")
+    assert broker(n0).membership.url == n0.url and not n0.url.endswith(":0")
+    assert broker(n1).membership.url == "http://kefu-1.kefu.svc:8080"
+
+    async def published() -> bool:
+        info = broker(n1).membership.member_info
+        urls = {v.get("url") for v in info.values()}
+        return urls == {n0.url, "http://kefu-1.kefu.svc:8080"}
+
+    await eventually(published)

@@ -168,7 +168,8 @@ class RedisBroker(Broker):
             self.node_id,
             metrics=self.metrics,
             weight=settings.node_weight,
-            url=f"http://{self.config.host}:{self.config.port}",
+            # replaced by the server's advertised URL once it listens (the bound port)
+            url=settings.advertise_url or f"http://{self.config.host}:{self.config.port}",
             heartbeat=settings.node_heartbeat,
             ttl=settings.node_ttl,
             vnodes=settings.ring_vnodes,
