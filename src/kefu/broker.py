@@ -49,6 +49,10 @@ class Broker(abc.ABC):
         """Call ``callback(topic, data)`` for every announcement from another node."""
         return None
 
+    async def connections_elsewhere(self, user_id: str) -> int:
+        """The user's connections on other nodes (0 when there are none or it can't tell)."""
+        return 0
+
     def session_opened(self, session: Session) -> None:
         """An authenticated connection joined this node's Hub."""
         return None

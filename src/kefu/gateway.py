@@ -174,7 +174,14 @@ class Gateway:
                 request_id,
             )
             return
-        if self.hub.count(principal.user_id) >= self.config.limits.max_connections_per_user:
+        limit = self.config.limits.max_connections_per_user
+        over = self.hub.count(principal.user_id) >= limit
+        if not over:  # the user's connections on other nodes of a cluster count too
+            elsewhere = await self.service.broker.connections_elsewhere(principal.user_id)
+            if session.closing:
+                return
+            over = self.hub.count(principal.user_id) + elsewhere >= limit
+        if over:
             await self._refuse(
                 session,
                 CloseCode.TOO_MANY_CONNECTIONS,

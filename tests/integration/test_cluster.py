@@ -308,3 +308,28 @@ async def test_nodes_advertise_the_url_they_listen_on(start_nodes: StartNodes) -
         return urls == {n0.url, "http://kefu-1.kefu.svc:8080"}
 
     await eventually(published)
+
+
+async def test_connections_per_user_count_across_nodes(
+    start_nodes: StartNodes, http: aiohttp.ClientSession
+) -> None:
+    n0, n1 = await start_nodes(2, max_connections_per_user=2)
+    url0 = f"{n0.url}/ws?user_id=cust-c&token={token('cust-c', 'customer')}"
+    url1 = f"{n1.url}/ws?user_id=cust-c&token={token('cust-c', 'customer')}"
+    first = await http.ws_connect(url0)
+    assert "hello" in (await first.receive(timeout=5)).data
+    second = await http.ws_connect(url1)
+    assert "hello" in (await second.receive(timeout=5)).data
+
+    async def both_registered() -> bool:
+        found = await broker(n0).presence.lookup(["cust-c"])
+        return len(found["cust-c"]) == 2
+
+    await eventually(both_registered)
+    third = await http.ws_connect(url0)  # one on each node already: one too many
+    refused = await third.receive(timeout=5)
+    assert '"too_many_connections"' in refused.data
+    await third.receive(timeout=5)
+    assert third.close_code == 4504
+    for ws in (first, second, third):
+        await ws.close()

@@ -239,6 +239,19 @@ class RedisBroker(Broker):
 
     # -- sessions -------------------------------------------------------------------------
 
+    async def connections_elsewhere(self, user_id: str) -> int:
+        """Live connections of the user on other nodes, from the presence registry. Redis
+        trouble never blocks a connection: then only this node's count applies."""
+        if len(self.membership.members) == 1:
+            return 0
+        try:
+            holders = (await self.presence.lookup([user_id]))[user_id]
+        except rc.REDIS_ERRORS:
+            tasks.stop_if_cancelled()
+            return 0
+        live = self.membership.is_live
+        return sum(1 for m in holders if live(m) and m != self.incarnation)
+
     def session_opened(self, session: Session) -> None:
         self.presence.opened(session.user_id, session.id)
         asyncio.get_running_loop().create_task(self._drain_inbox(session))
