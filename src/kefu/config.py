@@ -371,6 +371,17 @@ def hot_merge(running: Config, wanted: Config) -> tuple[Config, list[str], list[
     return build_config(base=running, overrides=values), hot, cold
 
 
+def advertised_url(cfg: Config, port: int) -> str:
+    """How other nodes and tools reach a node listening on ``port``: ``advertise_url``,
+    else ``http://HOST:PORT`` (the machine's name for a wildcard HOST)."""
+    if cfg.cluster.advertise_url:
+        return cfg.cluster.advertise_url
+    host = cfg.host
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"http://{host}:{port}"
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """Flatten a TOML config file into flat-named settings."""
     try:

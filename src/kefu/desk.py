@@ -138,13 +138,8 @@ class Desk:
     async def start(self) -> None:
         """Load groups and agents, rebuild the routing state from the store, start timers."""
         await self.routing.start()
-        now = ids.now_ms()
         await self.reload()
-        if await self.routing.claim_rebuild():
-            await self._rebuild(now)
-            await self.routing.rebuilt()
-        if await self.routing.needs_report():
-            await self.routing.report(dict(self._connected_here), now)
+        await self._recover(ids.now_ms(), starting=True)
         self.broker.on_announce(self._announced)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -152,8 +147,6 @@ class Desk:
             loop.create_task(self.positions.run(), name="kefu-desk-positions"),
             loop.create_task(self._tick_loop(), name="kefu-desk-timers"),
         ]
-        self._dirty.update(self.groups)
-        self._wake.set()
 
     async def reload(self) -> None:
         """Read groups and agents from the store (at start, and when another node changed
@@ -189,12 +182,15 @@ class Desk:
         if not users:
             self.watchers.pop(conv_id, None)
 
-    async def _recover(self, now: int) -> None:
-        """A shared routing state that lost its data (Redis restarted empty) is rebuilt from
-        the store by one node, and every node reports its agents' connections again."""
+    async def _recover(self, now: int, *, starting: bool = False) -> None:
+        """Build the routing state from the store when it is missing: at start-up (an empty
+        process, or the first node of a cluster), or later when a shared routing state lost
+        its data (Redis restarted empty). One node rebuilds it; every node reports its
+        agents' connections again."""
         if await self.routing.claim_rebuild():
-            log.warning("routing state missing: rebuilding it from the store")
-            await self.reload()
+            if not starting:  # at start-up the groups and agents were just read
+                log.warning("routing state missing: rebuilding it from the store")
+                await self.reload()
             await self._rebuild(now)
             await self.routing.rebuilt()
         if await self.routing.needs_report():

@@ -100,7 +100,7 @@ class Node:
         logging.getLogger("kefu").setLevel(cfg.log_level)
         from kefu.cluster.broker import RedisBroker
 
-        if isinstance(self.broker, RedisBroker) and self.broker._membership is not None:
+        if isinstance(self.broker, RedisBroker) and self.broker.joined:
             self.broker.membership.weight = cfg.cluster.node_weight  # the next heartbeat
         self.metrics.reloads.inc()
         return applied, restart
@@ -149,7 +149,7 @@ class Node:
         published with the next membership heartbeat."""
         from kefu.cluster.broker import RedisBroker
 
-        if isinstance(self.broker, RedisBroker) and self.broker._membership is not None:
+        if isinstance(self.broker, RedisBroker) and self.broker.joined:
             self.broker.membership.url = url
 
     async def load_cluster_settings(self) -> None:

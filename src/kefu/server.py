@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -14,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kefu import __version__
 from kefu.api import add_routes, openapi_document
-from kefu.config import Config
+from kefu.config import Config, advertised_url
 from kefu.errors import ConfigError
 from kefu.node import Node
 from kefu.runtime import tune_process
@@ -91,18 +90,7 @@ class Server:
             if isinstance(address, tuple):
                 self.port = int(address[1])
                 break
-        self.node.advertise(self.advertised_url)
-
-    @property
-    def advertised_url(self) -> str:
-        """How others reach this node: ``advertise_url``, else ``http://HOST:PORT`` with the
-        bound port (and the machine's name for a wildcard HOST)."""
-        if self.config.cluster.advertise_url:
-            return self.config.cluster.advertise_url
-        host = self.config.host
-        if host in ("", "0.0.0.0", "::"):
-            host = socket.getfqdn()
-        return f"http://{host}:{self.port}"
+        self.node.advertise(advertised_url(self.config, self.port))
 
     async def stop(self) -> None:
         """Stop listening, drain the node (acks flushed, clients closed 1012), release."""

@@ -21,6 +21,7 @@ from kefu.api import schemas as s
 from kefu.auth import verify_token
 from kefu.broker import LocalBroker
 from kefu.cluster.ring import Ring
+from kefu.config import advertised_url
 from kefu.desk import Desk
 from kefu.errors import AuthError, ErrorCode, Forbidden, InvalidArgument, KefuError, NotFound
 from kefu.model import (
@@ -477,13 +478,13 @@ async def get_report(request: web.Request, principal: Principal) -> web.StreamRe
 
 
 def _own_url(request: web.Request, desk: Desk) -> str:
-    """This node's base URL: the configured host and port (the bound port for port 0)."""
+    """This node's advertised URL (with the bound port when the configured one is 0)."""
     port = desk.config.port
     if port == 0 and request.transport is not None:
         sockname = request.transport.get_extra_info("sockname")
         if isinstance(sockname, tuple) and len(sockname) >= 2:
             port = int(sockname[1])
-    return f"http://{desk.config.host}:{port}"
+    return advertised_url(desk.config, port)
 
 
 async def cluster_info(request: web.Request, principal: Principal) -> web.Response:

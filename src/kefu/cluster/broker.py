@@ -136,6 +136,11 @@ class RedisBroker(Broker):
         return self._client
 
     @property
+    def joined(self) -> bool:
+        """Whether :meth:`start` has joined the cluster (membership and presence exist)."""
+        return self._membership is not None
+
+    @property
     def membership(self) -> Membership:
         assert self._membership is not None, "the broker is not started"
         return self._membership
