@@ -29,8 +29,9 @@ class Broker(abc.ABC):
         """Push ``data`` to all connections of ``user_ids`` except ``exclude``.
 
         Delivery is best effort: chat messages are already stored and clients recover any
-        push they miss by ``sync``. ``offline``: keep it for recipients with no connection
-        anywhere (their offline inbox, drained into their next connection).
+        push they miss by ``sync``. ``offline``: a cluster broker keeps it for recipients with
+        no connection anywhere (their offline inbox, drained into their next connection);
+        on one node there is nothing to keep: the client syncs when it connects.
         """
 
     async def start(self) -> None:
@@ -42,7 +43,8 @@ class Broker(abc.ABC):
     def announce(self, topic: str, data: str = "") -> None:
         """Tell every node (this one excepted) that ``topic`` changed: ``"desk"`` means
         groups or agents were saved (they re-read them from the store), ``"watch"`` that a
-        supervisor started or stopped watching (``data``: JSON [conversation, user, on])."""
+        supervisor started or stopped watching (``data``: JSON [conversation, user, on]),
+        ``"config"`` that the runtime settings in Redis changed (``kefu config``)."""
         return None
 
     def on_announce(self, callback: Callable[[str, str], None]) -> None:

@@ -18,7 +18,7 @@ from kefu import ids
 from kefu.broker import Broker, LocalBroker
 from kefu.config import Config
 from kefu.desk import Desk
-from kefu.errors import CloseCode, ConfigError, StoreError
+from kefu.errors import CloseCode, ClusterError, ConfigError, StoreError
 from kefu.gateway import Gateway
 from kefu.hub import Hub
 from kefu.metrics import Metrics
@@ -69,6 +69,7 @@ class Node:
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
+        self._closed = False
 
     # -- runtime configuration ----------------------------------------------------------------
 
@@ -230,12 +231,17 @@ class Node:
         )
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self.drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.gateway.settle()
+        with contextlib.suppress(ClusterError):  # this node's agent connections are gone
+            await self.routing.forget_node(self.incarnation, ids.now_ms())
         await self.desk.close()
         await self.webhooks.close()
         await self.broker.close()

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from kefu.cluster import redis_client as rc
 from kefu.cluster.broker import RedisBroker
+from kefu.model import Agent
 from kefu.server import Server
 from tests.conftest import RawClient, make_config, open_conversation, token
 from tests.services import RedisClusterServers, RedisServer
@@ -333,3 +334,42 @@ async def test_connections_per_user_count_across_nodes(
     assert third.close_code == 4504
     for ws in (first, second, third):
         await ws.close()
+
+
+async def test_a_node_whose_entry_vanished_rewrites_its_presence(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, _ = await start_nodes(2)
+    customer = await connect_to(n0, "cust-v", "customer")
+    b0 = broker(n0)
+
+    async def registered() -> bool:
+        return bool((await b0.presence.lookup(["cust-v"]))["cust-v"])
+
+    await eventually(registered)
+    # What another node does to one that stopped beating for longer than node_ttl:
+    await b0.presence.purge(b0.membership.incarnation)
+    await b0.client.zrem(rc.MEMBERS, b0.membership.incarnation)
+    assert not await registered()
+    await eventually(registered)  # its next heartbeat finds the entry gone and rewrites
+    await customer.close()
+
+
+async def test_a_node_that_stops_takes_its_agents_connections_with_it(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    n0, n1 = await start_nodes(2)
+    await n0.node.desk.save_agent(Agent(id="agent-s", name="S", capacity=2, groups=("general",)))
+    agent = await connect_to(n1, "agent-s", "agent")
+
+    async def connections() -> int:
+        state = await n0.node.routing.agent("agent-s")
+        return -1 if state is None else state.connections
+
+    async def connected() -> bool:
+        return await connections() == 1
+
+    await eventually(connected)
+    await n1.stop()
+    assert await connections() == 0
+    await agent.close()

@@ -76,13 +76,13 @@ class Announcement(msgspec.Struct):
     data: str = ""
 
 
-_encode_note = msgspec.msgpack.Encoder().encode
+_encode = msgspec.msgpack.Encoder().encode
 _decode_note = msgspec.msgpack.Decoder(Announcement).decode
 
 
 def announcement(topic: str, origin: str, data: str = "") -> bytes:
     """The payload that tells every node (but ``origin``) that ``topic`` changed."""
-    return _encode_note(Announcement(topic=topic, origin=origin, data=data))
+    return _encode(Announcement(topic=topic, origin=origin, data=data))
 
 
 async def read_settings(client: rc.RedisClient) -> dict[str, str]:
@@ -91,7 +91,6 @@ async def read_settings(client: rc.RedisClient) -> dict[str, str]:
     return {rc.text(k): rc.text(v) for k, v in raw.items()}
 
 
-_encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Envelope]).decode
 
 
@@ -208,6 +207,13 @@ class RedisBroker(Broker):
             with contextlib.suppress(*rc.REDIS_ERRORS):
                 await self._client.aclose()
 
+    async def _rewrite_presence(self) -> None:
+        """Write this node's presence again, then tell its clients to sync: pushes sent
+        while it was missing found nobody here."""
+        await self.presence.resync()
+        self._resync_clients = False
+        self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
+
     def _redis_restarted(self) -> None:
         """Presence may be gone: write it again, then tell clients pushes may be lost."""
         self.presence.dirty = True
@@ -259,7 +265,9 @@ class RedisBroker(Broker):
 
     def session_opened(self, session: Session) -> None:
         self.presence.opened(session.user_id, session.id)
-        asyncio.get_running_loop().create_task(self._drain_inbox(session))
+        task = asyncio.get_running_loop().create_task(self._drain_inbox(session))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def session_closed(self, session: Session) -> None:
         self.presence.closed(session.user_id, session.id)
@@ -295,8 +303,12 @@ class RedisBroker(Broker):
         pushed = self.hub.push(users, data, ephemeral=ephemeral, received=received, exclude=exclude)
         if pushed:
             self.metrics.cluster_deliveries.labels(path="local").inc(pushed)
-        if len(self.membership.members) == 1 and not offline:
-            return  # this node alone: every connection is here
+        if len(self.membership.members) == 1:  # this node alone: every connection is here
+            if not offline:
+                return
+            users = [u for u in users if not self.hub.count(u)]  # only the inbox is left
+            if not users:
+                return
         wall = time.time() - (time.perf_counter() - received) if received else 0.0
         self._outbox.append(_Outgoing(users, data, ephemeral, wall, offline))
         self._wake.set()
@@ -392,8 +404,7 @@ class RedisBroker(Broker):
                 # Plain PUBLISH reaches every node of a Redis Cluster: any shard will do.
                 await pubsub.subscribe(rc.SETTINGS_CHANNEL)
                 if not first or self.presence.dirty:
-                    await self.presence.resync()
-                    self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
+                    await self._rewrite_presence()
                 first = False
                 self._subscribed.set()
                 self.metrics.cluster_redis_up.set(1)
@@ -406,12 +417,11 @@ class RedisBroker(Broker):
                             self._announced(message["data"])
                         else:
                             self._received(message["data"])
-                    if self.presence.dirty:  # busy or not: a missing presence loses pushes
+                    # busy or not: a missing presence loses pushes
+                    if self._resync_clients:
+                        await self._rewrite_presence()
+                    elif self.presence.dirty:
                         await self.presence.resync()
-                        if self._resync_clients:
-                            # Only now: pushes sent before the rewrite found nobody here.
-                            self._resync_clients = False
-                            self.hub.push(list(self.hub.users()), RESYNC_NOTICE)
             except rc.REDIS_ERRORS as exc:
                 tasks.stop_if_cancelled()
                 self.metrics.cluster_redis_up.set(0)
@@ -419,7 +429,14 @@ class RedisBroker(Broker):
                 log.warning("delivery subscription lost (%s): resubscribing", exc)
                 if isinstance(self.client, RedisCluster):
                     with contextlib.suppress(*rc.REDIS_ERRORS):
-                        await self.client.initialize()  # the slot may have moved
+                        # The slot may have moved: re-read the map (the client itself only
+                        # does after one of its own commands failed).
+                        await self.client.nodes_manager.initialize()
+            except Exception:  # a bug must not end delivery silently: log, resubscribe
+                tasks.stop_if_cancelled()
+                self.metrics.cluster_redis_up.set(0)
+                self.metrics.cluster_errors.labels(operation="subscribe").inc()
+                log.exception("delivery subscription failed: resubscribing")
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(*rc.REDIS_ERRORS):

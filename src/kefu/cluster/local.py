@@ -373,14 +373,10 @@ async def _create_database(url: str, name: str) -> bool:
 
 async def _redis_reachable(url: str) -> str | None:
     """None when the Redis at ``url`` answers, else why not."""
-    from redis.exceptions import RedisClusterException
-
     from kefu.cluster import redis_client as rc
 
-    # RedisClusterException (no seed answers) is no RedisError: not in REDIS_ERRORS.
     unreachable: tuple[type[BaseException], ...] = (
         *rc.REDIS_ERRORS,
-        RedisClusterException,
         ValueError,  # a malformed URL
     )
     try:

@@ -18,19 +18,22 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from kefu import tasks
+from kefu import ids, tasks
 from kefu.cluster import redis_client as rc
 from kefu.cluster import view
 from kefu.cluster.ring import Ring
+from kefu.errors import ClusterError
 from kefu.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+#: What a heartbeat may fail with and retry: Redis trouble, also from a purger.
+HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*rc.REDIS_ERRORS, ClusterError)
 
 Purge = Callable[[str], Awaitable[None]]
 
@@ -65,7 +68,7 @@ class Membership:
         self.ttl = ttl
         self.vnodes = vnodes
         self.connections = connections
-        self.started = int(time.time() * 1000)
+        self.started = ids.now_ms()
         #: The ring until Redis first answers: this node alone.
         self.ring = Ring({node_id: weight}, vnodes=vnodes)
         #: Live incarnations, as of the last heartbeat.
@@ -73,14 +76,13 @@ class Membership:
         self.member_info: dict[str, dict[str, str]] = {}
         #: Called with each dead incarnation, to remove what it left behind.
         self.purgers: list[Purge] = []
-        self.listeners: list[Callable[[Ring], None]] = []
         #: Called when a Redis server restarted (its data may be gone): rewrite what this
         #: node keeps there.
         self.restart_listeners: list[Callable[[], None]] = []
         self._run_ids: frozenset[str] = frozenset()
+        self._beaten = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.healthy = False
 
     # -- queries --------------------------------------------------------------------------
 
@@ -90,10 +92,6 @@ class Membership:
 
     def is_live(self, member: str) -> bool:
         return member in self.members
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        return self.ring.nodes
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -118,9 +116,8 @@ class Membership:
             await asyncio.sleep(self.heartbeat)
             try:
                 await self.beat()
-            except rc.REDIS_ERRORS as exc:
+            except HEARTBEAT_ERRORS as exc:
                 tasks.stop_if_cancelled()
-                self.healthy = False
                 self.metrics.cluster_errors.labels(operation="heartbeat").inc()
                 log.warning("cluster: heartbeat failed: %s", exc)
             except Exception:  # pragma: no cover - a bug must not stop the heartbeat
@@ -129,7 +126,7 @@ class Membership:
 
     async def beat(self) -> None:
         """Refresh this node's entry, read the live members, rebuild the ring if needed."""
-        now = int(time.time() * 1000)
+        now = ids.now_ms()
         ttl_ms = int(self.ttl * 1000)
         info = rc.member_info(self.incarnation)
         pipe = self.client.pipeline(transaction=False)
@@ -146,7 +143,14 @@ class Membership:
         )
         pipe.pexpire(info, 3 * ttl_ms)
         pipe.zrangebyscore(rc.MEMBERS, "-inf", now - 1)
-        *_, dead_raw = await pipe.execute()
+        added, *_, dead_raw = await pipe.execute()
+        if added and self._beaten:
+            # Our entry was gone (purged after a long pause, or Redis lost it): so may be
+            # everything this node keeps there.
+            log.warning("cluster: this node's entry had vanished: rewriting its state")
+            for listener in self.restart_listeners:
+                listener()
+        self._beaten = True
         self.member_info = await view.live_members(self.client, now_ms=now)
         self.members = frozenset(self.member_info) | {self.incarnation}
         weights = {node: info.weight for node, info in view.nodes_of(self.member_info).items()}
@@ -158,14 +162,9 @@ class Membership:
             )
             self.ring = ring
             self.metrics.ring_changes.inc()
-            for listener in self.listeners:
-                listener(ring)
         self.metrics.cluster_nodes.set(len(ring))
-        self.healthy = True
         await self._watch_restarts()
-        for member in (rc.text(m) for m in dead_raw):
-            if member == self.incarnation:
-                continue  # our own entry lapsed (Redis was away): the ZADD above renewed it
+        for member in (rc.text(m) for m in dead_raw):  # never this one: the ZADD renewed it
             if self.owns("purge", member):
                 await self._purge(member)
 

@@ -74,7 +74,8 @@ def node_channel(node_id: str) -> str:
     return f"kefu:node:{{{node_id}}}"
 
 
-#: Channel of cluster-wide announcements (settings changed, groups or agents saved).
+#: Channel of cluster-wide announcements: ``desk`` (groups or agents saved), ``watch`` (a
+#: supervisor's watch), ``config`` (runtime settings changed; see kefu.broker.Broker.announce).
 SETTINGS_CHANNEL = "kefu:settings"
 #: HASH of cluster-wide runtime settings (flat name -> value), set by ``kefu config set``.
 SETTINGS = "kefu:runtime-settings"

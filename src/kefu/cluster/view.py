@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Mapping
 
+from kefu import ids
 from kefu.cluster import redis_client as rc
 from kefu.cluster.ring import DEFAULT_VNODES, Ring
 
@@ -75,7 +75,7 @@ async def live_members(
     Reads only: no entry is written, renewed or purged. Sorted by incarnation. An
     incarnation whose hash is gone (it expired meanwhile) maps to an empty dict.
     """
-    now = int(time.time() * 1000) if now_ms is None else now_ms
+    now = ids.now_ms() if now_ms is None else now_ms
     raw = await client.zrangebyscore(rc.MEMBERS, now, "+inf")
     live = sorted(rc.text(m) for m in raw if isinstance(m, bytes | str))
     if not live:

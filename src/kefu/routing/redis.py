@@ -60,8 +60,8 @@ class RedisRouting(RoutingBackend):
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+            client, self._client, self._script = self._client, None, None
+            await client.aclose()
 
     @property
     def client(self) -> rc.RedisClient:
@@ -69,7 +69,8 @@ class RedisRouting(RoutingBackend):
         return self._client
 
     async def _call(self, op: str, *args: str | int) -> Any:
-        assert self._script is not None, "routing backend not started"
+        if self._client is None or self._script is None:  # not started, or closed
+            raise ClusterError("the routing backend is not connected")
         try:
             return await self._script(keys=[PREFIX + "agents"], args=[op, *args])
         except rc.REDIS_ERRORS as exc:

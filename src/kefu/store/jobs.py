@@ -1,4 +1,5 @@
-"""What both stores' writers share: turning write results into the interface's values.
+"""What both stores share: building write jobs (new conversations, appends, transitions)
+and turning their results into the interface's values and errors.
 
 The job and result types themselves are msgspec Structs in :mod:`kefu.store.sqlite_writer`
 (they cross a pipe to the SQLite writer process); the PostgreSQL writer runs the same jobs

@@ -275,7 +275,10 @@ class PostgresStore(MessageStore):
         assert self._pool is not None
         for attempt in range(RACE_RETRIES + 1):
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
+                async with (
+                    self._pool.acquire(timeout=self.command_timeout) as conn,
+                    conn.transaction(),
+                ):
                     return await self._apply(conn, jobs)
             except RACE_ERRORS as exc:
                 if attempt == RACE_RETRIES:
@@ -639,7 +642,7 @@ class PostgresStore(MessageStore):
         if self._closed or self._pool is None:
             raise StoreClosed("the message store is closed")
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self.command_timeout) as conn:
                 return await run(conn)
         except STATEMENT_ERRORS as exc:
             self.metrics.store_errors.labels(operation=kind).inc()
