@@ -275,31 +275,12 @@ class DatabaseUnavailable(Exception):
 
 async def migrate_database(url: str, *, timeout: float = 5.0) -> tuple[list[int], int]:
     """Apply the missing migrations to ``url``: (the versions applied, the version now)."""
-    import asyncpg
-
     from kefu.store import pg_schema
 
     try:
-        conn = await asyncpg.connect(url, timeout=timeout)
-    except (
-        OSError,
-        TimeoutError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as exc:
-        raise DatabaseUnavailable(
-            f"cannot reach the database at {redact(url)}: {exc or type(exc).__name__}"
-        ) from exc
-    try:
-        applied = await pg_schema.migrate(conn)
-        return applied, await pg_schema.current_version(conn)
-    except pg_schema.SchemaTooNew as exc:
+        return await pg_schema.migrate_url(url, timeout=timeout)
+    except pg_schema.MigrationFailed as exc:
         raise DatabaseUnavailable(f"{redact(url)}: {exc}") from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"migrating {redact(url)} failed: {exc}") from exc
-    finally:
-        await conn.close()
 
 
 def migrate(cfg: config.Config) -> int:

@@ -77,3 +77,34 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
             )
             applied.append(migration.version)
     return applied
+
+
+class MigrationFailed(Exception):
+    """The database could not be reached or migrated (the message says which)."""
+
+
+async def migrate_url(url: str, *, timeout: float = 5.0) -> tuple[list[int], int]:
+    """Connect to ``url`` and apply the missing migrations: (versions applied, version now).
+
+    Raises MigrationFailed when the database is unreachable, the URL malformed, the schema
+    newer than this Kefu, or a migration fails.
+    """
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout)
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        raise MigrationFailed(f"cannot reach the database: {exc or type(exc).__name__}") from exc
+    try:
+        applied = await migrate(conn)
+        return applied, await current_version(conn)
+    except SchemaTooNew as exc:
+        raise MigrationFailed(str(exc)) from exc
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise MigrationFailed(f"migrating failed: {exc}") from exc
+    finally:
+        await conn.close()

@@ -53,7 +53,7 @@ from kefu.model import (
 from kefu.store import jobs
 from kefu.store import sqlite_writer as w
 from kefu.store.base import ConversationFilter, MessageStore
-from kefu.store.pg_schema import migrate
+from kefu.store.pg_schema import MigrationFailed, migrate_url
 from kefu.store.sqlite_schema import (
     CONV_COLUMNS,
     CONV_FIELDS,
@@ -180,11 +180,10 @@ class PostgresStore(MessageStore):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            conn = await asyncpg.connect(self.url, timeout=self.command_timeout)
-            try:
-                await migrate(conn)
-            finally:
-                await conn.close()
+            await migrate_url(self.url, timeout=self.command_timeout)
+        except MigrationFailed as exc:
+            raise StoreError(f"cannot open the database: {exc}") from exc
+        try:
             self._pool = await asyncpg.create_pool(
                 self.url,
                 min_size=self.pool_min,
