@@ -123,14 +123,24 @@ class Node:
         return RedisRouting(self.config.cluster.redis_url, self.incarnation)
 
     def _join_cluster(self) -> None:
-        """Cluster mode: the ring partitions the desk's periodic work, and a dead node's
-        agent connections are dropped with it."""
+        """Cluster mode: the ring partitions the desk's periodic work and webhook delivery,
+        and a dead node's agent connections are dropped with it."""
         from kefu.cluster.broker import RedisBroker
 
         if not isinstance(self.broker, RedisBroker):
             return
         membership = self.broker.membership
         self.desk.owns = membership.owns
+        from kefu.cluster.webhook_log import RedisWebhookLog
+
+        self.webhooks.use_log(
+            RedisWebhookLog(
+                self.broker.client,
+                membership.owns,
+                self.metrics,
+                capacity=self.config.webhooks.webhook_queue_size,
+            )
+        )
         routing = self.routing
 
         async def forget(member: str) -> None:

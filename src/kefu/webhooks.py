@@ -53,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -68,6 +69,7 @@ __all__ = [
     "Lanes",
     "Outcome",
     "WebhookEvent",
+    "WebhookLog",
     "Webhooks",
     "backoff_delay",
     "classify",
@@ -205,6 +207,8 @@ class Delivery:
     body: bytes
     headers: Mapping[str, str]
     attempts: int = 0
+    #: Called once this receiver is done with it (delivered, given up or dropped).
+    done: Callable[[], None] | None = None
 
     @property
     def key(self) -> tuple[bool, str]:
@@ -337,6 +341,8 @@ class _Receiver:
         """Queue one delivery (never blocks); False when it was dropped."""
         if self._stopped or not self.lanes.push(delivery):
             self._drop()
+            if delivery.done is not None:
+                delivery.done()
             return False
         self._metrics.webhook_queue.inc()
         self._pump()
@@ -445,6 +451,8 @@ class _Receiver:
             )
         self.lanes.finish(delivery)
         self._metrics.webhook_queue.dec()
+        if delivery.done is not None:
+            delivery.done()
         self._on_settled()
 
     def _retry(self, delivery: Delivery) -> None:
@@ -467,6 +475,24 @@ class _Receiver:
         return abandoned
 
 
+class WebhookLog(Protocol):
+    """Where a cluster node's events go before delivery (kefu.cluster.webhook_log): shared,
+    partitioned, each partition delivered by one node. Without one, a node delivers the
+    events it emits itself, from memory."""
+
+    def append(self, key: str, body: bytes) -> bool:
+        """Queue an event under its ordering key; False when refused (full or closed)."""
+
+    async def start(self, sink: Webhooks) -> None:
+        """Begin handing events to ``sink`` (:class:`Webhooks`)."""
+
+    async def stop_reading(self) -> None:
+        """Hand over no more events."""
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Record what was settled and store what is queued, then stop."""
+
+
 class Webhooks:
     """Kefu's webhook sender: :meth:`emit` from the service, delivery in the background.
 
@@ -474,6 +500,10 @@ class Webhooks:
     times from the event loop's thread, :meth:`close`. Events emitted before :meth:`start`
     wait in the queues and go out once it runs. With no ``webhook_urls`` every call is
     (nearly) free and nothing is queued.
+
+    With a :class:`WebhookLog` (:meth:`use_log`, cluster mode) :meth:`emit` appends to the
+    log instead, and the log hands this node the events of the partitions it owns through
+    :meth:`deliver`.
     """
 
     def __init__(
@@ -493,11 +523,23 @@ class Webhooks:
         self._session: aiohttp.ClientSession | None = None
         self._idle: asyncio.Event | None = None
         self._closed = False
+        self._log: WebhookLog | None = None
+
+    def use_log(self, webhook_log: WebhookLog) -> None:
+        """Emit into ``webhook_log`` (before :meth:`start`); no-op without receivers."""
+        if self._receivers:
+            self._log = webhook_log
 
     @property
     def pending(self) -> int:
         """Events not yet delivered or given up, summed over all receivers."""
         return sum(receiver.lanes.pending for receiver in self._receivers)
+
+    @property
+    def room(self) -> int:
+        """How many more events every receiver can queue now."""
+        limit = self.settings.webhook_queue_size
+        return min((limit - r.lanes.pending for r in self._receivers), default=0)
 
     async def start(self) -> None:
         """Open the HTTP client and send anything emitted so far; no-op without URLs."""
@@ -512,6 +554,8 @@ class Webhooks:
         )
         for receiver in self._receivers:
             receiver.start(self._session)
+        if self._log is not None:
+            await self._log.start(self)
 
     def emit(self, type: str, conv: str | None, data: Mapping[str, object]) -> WebhookEvent | None:
         """Queue an event for every receiver and return it, without waiting for anything.
@@ -526,20 +570,52 @@ class Webhooks:
         try:
             event = WebhookEvent(id=new_id(), type=type, ts=now_ms(), conv=conv, data=dict(data))
             body = msgspec.json.encode(event)
-            headers = {
-                "Content-Type": "application/json",
-                "X-Kefu-Event-Id": event.id,
-                "X-Kefu-Event-Type": event.type,
-                "X-Kefu-Timestamp": str(event.ts),
-                "X-Kefu-Signature": sign(self.settings.webhook_secret, body),
-            }
-            accepted = False
-            for receiver in self._receivers:
-                accepted = receiver.push(Delivery(event, body, headers)) or accepted
+            if self._log is not None:
+                if self._closed or not self._log.append(conv or event.id, body):
+                    self.dropped(1)
+                    return None
+                return event
+            accepted = self._push(event, body, None)
         except Exception:
             log.exception("webhook event %r for conversation %r not emitted", type, conv)
             return None
         return event if accepted else None
+
+    def _push(self, event: WebhookEvent, body: bytes, done: Callable[[], None] | None) -> bool:
+        headers = {
+            "Content-Type": "application/json",
+            "X-Kefu-Event-Id": event.id,
+            "X-Kefu-Event-Type": event.type,
+            "X-Kefu-Timestamp": str(event.ts),
+            "X-Kefu-Signature": sign(self.settings.webhook_secret, body),
+        }
+        accepted = False
+        for receiver in self._receivers:
+            accepted = receiver.push(Delivery(event, body, headers, done=done)) or accepted
+        return accepted
+
+    def deliver(self, body: bytes, done: Callable[[], None]) -> None:
+        """An event from the log, for every receiver; ``done`` once each has settled it
+        (a body that is not an event is logged and settled at once)."""
+        try:
+            event = _decode_event(body)
+        except msgspec.DecodeError:
+            log.error("webhooks: an entry of the log is not an event; skipped: %r", body[:200])
+            done()
+            return
+        left = len(self._receivers)
+
+        def settled() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                done()
+
+        self._push(event, body, settled)
+
+    def dropped(self, count: int) -> None:
+        """``count`` events refused before reaching any receiver (counted per receiver)."""
+        self.metrics.webhook_deliveries.labels(result="dropped").inc(count * len(self._receivers))
 
     def _settled(self) -> None:
         if self._idle is not None and self.pending == 0:
@@ -548,11 +624,17 @@ class Webhooks:
     async def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued for up to ``timeout`` seconds, then cancel the rest.
 
-        Events still pending then are lost (logged with their count). Never raises;
-        later :meth:`emit` calls return None.
+        Events still pending then are lost (logged with their count), except with a log:
+        there they stay for the partition's next owner. Never raises; later :meth:`emit`
+        calls return None.
         """
         if self._closed:
             return
+        if self._log is not None:
+            try:
+                await self._log.stop_reading()
+            except Exception:
+                log.exception("webhooks: stopping the log reader failed")
         try:
             if self._session is not None and self.pending:
                 self._idle = asyncio.Event()
@@ -561,13 +643,20 @@ class Webhooks:
         except Exception:
             log.exception("webhooks: flushing failed")
         self._closed = True
+        if self._log is not None:
+            try:
+                await self._log.close(timeout)
+            except Exception:
+                log.exception("webhooks: closing the log failed")
         abandoned = 0
         for receiver in self._receivers:
             try:
                 abandoned += await receiver.stop()
             except Exception:
                 log.exception("webhook receiver %s: stopping failed", receiver.name)
-        if abandoned:
+        if abandoned and self._log is not None:
+            log.info("webhooks closed with %d delivery(ies) left to the next owner", abandoned)
+        elif abandoned:
             log.warning("webhooks closed with %d delivery(ies) not done; they are lost", abandoned)
         if self._session is not None:
             try:
@@ -575,3 +664,6 @@ class Webhooks:
             except Exception:
                 log.exception("webhooks: closing the HTTP client failed")
             self._session = None
+
+
+_decode_event = msgspec.json.Decoder(WebhookEvent).decode

@@ -8,117 +8,15 @@ with real processes are in test_cluster_failures.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 
 from kefu.cluster import redis_client as rc
-from kefu.cluster.broker import RedisBroker
 from kefu.model import Agent
-from kefu.server import Server
-from tests.conftest import RawClient, make_config, open_conversation, token
-from tests.services import RedisClusterServers, RedisServer
-
-Nodes = list[Server]
-
-
-def broker(server: Server) -> RedisBroker:
-    b = server.node.broker
-    assert isinstance(b, RedisBroker)
-    return b
-
-
-def sample(server: Server, name: str, **labels: str) -> float:
-    return server.node.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def redis_for_cluster(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis":
-        url: str = request.getfixturevalue("redis_url")
-        return url
-    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
-    cluster.flushall()
-    return cluster.url
-
-
-StartNodes = Callable[..., Awaitable[Nodes]]
-
-
-@pytest.fixture
-async def start_nodes(
-    tmp_path: Path, postgres_url: str, redis_for_cluster: str
-) -> AsyncIterator[StartNodes]:
-    started: list[Server] = []
-
-    async def _start(count: int, **settings: Any) -> Nodes:
-        servers = []
-        for i in range(len(started), len(started) + count):
-            config = make_config(
-                tmp_path / f"n{i}",
-                node_id=f"n{i}",
-                database_url=postgres_url,
-                redis_url=redis_for_cluster,
-                node_heartbeat=0.2,
-                node_ttl=1.0,
-                **settings,
-            )
-            server = Server(config)
-            await server.start()
-            started.append(server)
-            servers.append(server)
-
-        async def all_see_each_other() -> bool:
-            return all(len(broker(s).membership.ring) == len(started) for s in started)
-
-        await eventually(all_see_each_other)
-        return servers
-
-    yield _start
-    for server in reversed(started):
-        await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-Connect = Callable[..., Awaitable[RawClient]]
-
-
-@pytest.fixture
-def connect_to(http: aiohttp.ClientSession) -> Connect:
-    async def _connect(server: Server, user: str, role: str = "customer") -> RawClient:
-        url = f"{server.url}/ws?user_id={user}&token={token(user, role)}"
-        client = RawClient(await http.ws_connect(url))
-        assert (await client.recv())["op"] == "hello"
-        return client
-
-    return _connect
-
-
-def send(conv: str, n: int, text: str = "") -> dict[str, Any]:
-    return {
-        "op": "send",
-        "id": n,
-        "conv": conv,
-        "client_msg_id": f"m{n}",
-        "type": "text",
-        "body": {"text": text or f"message {n}"},
-    }
+from tests.cluster_helpers import Connect, StartNodes, broker, eventually, sample, send
+from tests.conftest import open_conversation, token
+from tests.services import RedisServer
 
 
 async def test_cross_node_chat_reaches_only_the_nodes_that_hold_a_recipient(
