@@ -44,7 +44,9 @@ class Broker(abc.ABC):
         """Tell every node (this one excepted) that ``topic`` changed: ``"desk"`` means
         groups or agents were saved (they re-read them from the store), ``"watch"`` that a
         supervisor started or stopped watching (``data``: JSON [conversation, user, on]),
-        ``"config"`` that the runtime settings in Redis changed (``kefu config``)."""
+        ``"queue"`` that a group's queue changed (``data``: JSON [group, assigned ms or
+        null]; its ring owner pushes the positions), ``"config"`` that the runtime
+        settings in Redis changed (``kefu config``)."""
         return None
 
     def on_announce(self, callback: Callable[[str, str], None]) -> None:

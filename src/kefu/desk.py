@@ -62,7 +62,7 @@ from kefu.model import (
     StoredMessage,
     Visibility,
 )
-from kefu.positions import QueuePositions
+from kefu.positions import QUEUE_TOPIC, QueuePositions
 from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import AgentState, Assignment, QueueEntry, RoutingBackend, RoutingError
@@ -116,7 +116,11 @@ class Desk:
         self._dirty: set[str] = set()  # groups to dispatch
         self._wake = asyncio.Event()
         self.positions = QueuePositions(
-            self.settings, routing=routing, broker=broker, metrics=metrics
+            self.settings,
+            routing=routing,
+            broker=broker,
+            metrics=metrics,
+            owns=lambda kind, key: self.owns(kind, key),
         )
         self._warned: set[str] = set()
         self._inactivity_scanned = 0
@@ -166,6 +170,8 @@ class Desk:
     def _announced(self, topic: str, data: str) -> None:
         if topic == "desk":
             self._spawn(self.reload())
+        elif topic == QUEUE_TOPIC:
+            self.positions.announced(data)
         elif topic == "watch":  # another node's supervisor: their pushes come from here too
             try:
                 conv_id, user, on = json.loads(data)
@@ -227,13 +233,16 @@ class Desk:
 
     @contextlib.asynccontextmanager
     async def serialized(self, conv_id: str) -> AsyncIterator[None]:
-        """One desk operation at a time per conversation on this node: each reads the
-        conversation, decides, and writes; two at once would decide on the same stale
-        read. (Across nodes the store's compare-and-set is the arbiter.)"""
+        """One desk operation at a time per conversation: each reads the conversation,
+        decides, and writes; two at once would decide on the same stale read. On one node
+        a lock per conversation does it; in a cluster the holder also takes the routing
+        backend's lock on the conversation (:meth:`RoutingBackend.exclusive`, which fails
+        retryably with :class:`ClusterError` when it cannot be had). The store's
+        compare-and-set stays the last arbiter, should a lock expire under a slow step."""
         gate = self._conv_gates.setdefault(conv_id, _Gate())
         gate.users += 1
         try:
-            async with gate.lock:
+            async with gate.lock, self.routing.exclusive(f"conv:{conv_id}"):
                 yield
         finally:
             gate.users -= 1
@@ -1092,8 +1101,27 @@ class Desk:
         actor: Principal | None = None,
     ) -> Conversation:
         """Record an assignment the routing backend made; undo it if the store refuses."""
-        async with self.serialized(a.conv):
-            return await self._apply_locked(a, conv, event, actor=actor)
+        entered = False
+        try:
+            async with self.serialized(a.conv):
+                entered = True
+                return await self._apply_locked(a, conv, event, actor=actor)
+        except ClusterError:
+            if not entered:  # the conversation's lock was not to be had: give it back
+                with contextlib.suppress(KefuError):
+                    now = ids.now_ms()
+                    await self.routing.release(a.agent, a.conv, now)
+                    await self._requeue_unassigned(a, conv, now)
+            raise
+
+    async def _requeue_unassigned(self, a: Assignment, conv: Conversation | None, now: int) -> None:
+        """Put an assignment's conversation back at the head of its queue, unless something
+        else moved it on meanwhile."""
+        current = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
+        if current.state is ConversationState.QUEUED:
+            entry = self._entry(current, since=now - a.waited)
+            await self.routing.enqueue(entry, head=True)
+            self._queue_changed(a.group)
 
     async def _apply_locked(
         self,
@@ -1116,11 +1144,7 @@ class Desk:
             # Released while this waited for the conversation (the agent went offline):
             # put it back where it was, unless something else moved it on meanwhile.
             self.metrics.assignment_failures.labels(reason="released").inc()
-            current = await (self.conversation(a.conv) if conv is None else self._fresh(conv))
-            if current.state is ConversationState.QUEUED:
-                entry = self._entry(current, since=now - a.waited)
-                await self.routing.enqueue(entry, head=True)
-                self._queue_changed(a.group)
+            await self._requeue_unassigned(a, conv, now)
             raise InvalidTransition(f"the assignment of {a.conv!r} was undone meanwhile")
         try:
             conv = await (self.conversation(a.conv) if conv is None else self._fresh(conv))

@@ -5,13 +5,21 @@ customer behind the change has a new position. Changes are coalesced per group o
 ``queue_update_interval`` and each customer is pushed only what differs from their last
 push. The estimated wait is the position times the group's recent interval between
 assignments (a moving average), rounded to :data:`ESTIMATE_STEP` seconds.
+
+In a cluster the ring owner of ``("queue", group)`` pushes the group's positions and keeps
+its pace: a node that changes a queue it does not own announces the change (and the time
+of an assignment) on the cluster's announcement channel, and only the owner acts on it. So
+every customer gets one push per change, with an estimate from the whole cluster's pace.
+A new owner (the ring moved) starts with no pace and pushes each position once more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+from collections.abc import Callable
 
 from kefu.broker import Broker
 from kefu.config import ServiceSettings
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 POSITIONS_PER_SLICE = 256
 #: Estimated waits are pushed rounded to this many seconds (finer is noise).
 ESTIMATE_STEP = 5.0
+#: The announcement topic of a queue change made off the group's owner.
+QUEUE_TOPIC = "queue"
 #: Weight of the newest interval in a group's moving average of assignment intervals.
 EWMA_WEIGHT = 0.2
 
@@ -59,11 +69,16 @@ class QueuePositions:
         routing: RoutingBackend,
         broker: Broker,
         metrics: Metrics,
+        owns: Callable[[str, str], bool] = lambda kind, key: True,
     ) -> None:
         self.settings = settings
         self.routing = routing
         self.broker = broker
         self.metrics = metrics
+        #: Whether this node pushes the positions of a group: ``owns("queue", group)``.
+        self.owns = owns
+        #: group -> time of an assignment made here, for its owner (sent with the change)
+        self._assigned_at: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._closing = False
@@ -72,13 +87,35 @@ class QueuePositions:
         self._pace: dict[str, GroupPace] = {}
 
     def changed(self, *groups: str) -> None:
-        """These groups' queues changed: push what moved, soon."""
-        self._dirty.update(groups)
-        self._wake.set()
+        """These groups' queues changed: push what moved, soon (here, or on the node that
+        owns the group)."""
+        for group in groups:
+            if self.owns("queue", group):
+                self._dirty.add(group)
+                self._wake.set()
+            else:
+                assigned = self._assigned_at.pop(group, None)
+                self.broker.announce(QUEUE_TOPIC, json.dumps([group, assigned]))
 
     def assigned(self, group: str, now: int) -> None:
-        """A conversation of the group was assigned at ``now`` (ms): the pace moves."""
-        self._pace.setdefault(group, GroupPace()).assigned(now)
+        """A conversation of the group was assigned at ``now`` (ms): the pace moves. (Off
+        the group's owner, this travels with the :meth:`changed` that follows.)"""
+        if self.owns("queue", group):
+            self._pace.setdefault(group, GroupPace()).assigned(now)
+        else:
+            self._assigned_at[group] = now
+
+    def announced(self, data: str) -> None:
+        """Another node changed a group's queue (``data``: JSON [group, assigned ms])."""
+        try:
+            group, assigned = json.loads(data)
+        except ValueError:  # pragma: no cover - only Kefu nodes announce
+            return
+        if not isinstance(group, str) or not self.owns("queue", group):
+            return
+        if isinstance(assigned, int):
+            self._pace.setdefault(group, GroupPace()).assigned(assigned)
+        self.changed(group)
 
     def stop(self) -> None:
         """End :meth:`run` (even where a library swallowed its task's cancellation)."""
