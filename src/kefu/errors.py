@@ -194,6 +194,11 @@ class StoreError(KefuError):
     code = ErrorCode.STORE_UNAVAILABLE
 
 
+class StaleConversation(StoreError):
+    """An append was authorised against a conversation state that changed meanwhile (on
+    another node): nothing was stored; decide again on the fresh state."""
+
+
 class StoreClosed(StoreError):
     code = ErrorCode.SHUTTING_DOWN
 

@@ -254,6 +254,12 @@ class Metrics:
             "1 while this node's delivery subscription to Redis is established.",
             registry=r,
         )
+        self.stale_sends = Counter(
+            "kefu_stale_sends",
+            "Messages authorised against a conversation state another node had changed: "
+            "decided again on a fresh read.",
+            registry=r,
+        )
         self.reloads = Counter(
             "kefu_config_reloads",
             "Times the node took new settings at runtime (SIGHUP or a cluster-wide change).",

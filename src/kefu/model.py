@@ -60,6 +60,12 @@ class NewMessage:
     type: str
     body: bytes
     visibility: Visibility = Visibility.ALL
+    #: The conversation's (state, agent) as the sender was authorised against. A store
+    #: whose conversation hints may be stale (PostgreSQL, shared by several nodes) checks
+    #: it under the conversation's row lock and fails the append with
+    #: :class:`~kefu.errors.StaleConversation` when it no longer holds; a store that is
+    #: the only writer may ignore it.
+    expect: tuple[ConversationState, str | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

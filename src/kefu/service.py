@@ -34,6 +34,7 @@ from kefu.errors import (
     KefuError,
     NotFound,
     ProtocolError,
+    StaleConversation,
     StoreError,
 )
 from kefu.metrics import Metrics
@@ -87,6 +88,7 @@ class ChatService:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._retries: set[asyncio.Task[None]] = set()
 
     # -- authorisation --------------------------------------------------------------------
 
@@ -248,34 +250,68 @@ class ChatService:
         # Counted from here, so that a drain waits for a send whose lookup is in progress.
         self._begin()
         try:
-            # The common case (a cache hit) must not allocate a coroutine.
-            found = self.store.cached_conversation(request.conv)
+            found = self.store.conversation_hint(request.conv)
             if found is None:
                 found = await self.store.get_conversation(request.conv)
-            if principal.role is Role.CUSTOMER and request.type in f.INTERNAL_MESSAGE_TYPES:
-                self.metrics.message_result(request.type, "rejected").inc()
-                raise Forbidden("private notes are for agents and admins")  # before any step
-            if (
-                found is not None
-                and found.state not in _FAST_STATES
-                and principal.role is Role.CUSTOMER
-                and found.customer_id == principal.user_id
-            ):
-                found = await self.desk.before_customer_message(principal, found)
-            elif (
-                found is not None
-                and principal.role is Role.AGENT
-                and request.type == "note"
-                and found.agent_id != principal.user_id
-                and await self.desk.can_read(principal, found)
-            ):
-                self._refuse_if_draining(request.type)
-                self._note_queued(session, request, principal, received, found)
-                return
-            self._submit(session, request, principal, received, found)
+            await self._send_counted(session, request, principal, received, found, retry=True)
         except BaseException:
             self._end()
             raise
+
+    async def _resend_fresh(self, session: Session, request: f.Send, received: float) -> None:
+        """The append found the conversation changed since it was authorised (by another
+        node): decide again on a fresh read, once. Counted already (see :meth:`send`)."""
+        principal = session.principal
+        assert principal is not None
+        try:
+            found = await self.store.get_conversation(request.conv, fresh=True)
+            await self._send_counted(session, request, principal, received, found, retry=False)
+        except KefuError as exc:
+            self._end()
+            self.reply_error(
+                session, exc.code, exc.message, request.id, retry_after=exc.retry_after
+            )
+        except Exception:  # a bug must cost one request, not the connection
+            self._end()
+            log.exception("a send decided again failed")
+            self.reply_error(session, ErrorCode.INTERNAL, "internal error", request.id)
+        except BaseException:
+            self._end()
+            raise
+
+    async def _send_counted(
+        self,
+        session: Session,
+        request: f.Send,
+        principal: Principal,
+        received: float,
+        found: Conversation | None,
+        *,
+        retry: bool,
+    ) -> None:
+        """Take the desk's step the conversation's state calls for, if any, then authorise
+        and submit; ``retry``: a stale authorisation is decided again once."""
+        if principal.role is Role.CUSTOMER and request.type in f.INTERNAL_MESSAGE_TYPES:
+            self.metrics.message_result(request.type, "rejected").inc()
+            raise Forbidden("private notes are for agents and admins")  # before any step
+        if (
+            found is not None
+            and found.state not in _FAST_STATES
+            and principal.role is Role.CUSTOMER
+            and found.customer_id == principal.user_id
+        ):
+            found = await self.desk.before_customer_message(principal, found)
+        elif (
+            found is not None
+            and principal.role is Role.AGENT
+            and request.type == "note"
+            and found.agent_id != principal.user_id
+            and await self.desk.can_read(principal, found)
+        ):
+            self._refuse_if_draining(request.type)
+            self._note_queued(session, request, principal, received, found, retry=retry)
+            return
+        self._submit(session, request, principal, received, found, retry=retry)
 
     def _refuse_if_draining(self, message_type: str) -> None:
         if self.draining:
@@ -291,6 +327,8 @@ class ChatService:
         principal: Principal,
         received: float,
         found: Conversation | None,
+        *,
+        retry: bool,
     ) -> None:
         """Authorise and hand the message to the store; the ack follows the commit."""
         self._refuse_if_draining(request.type)  # the lookup may have awaited
@@ -313,13 +351,16 @@ class ChatService:
             type=request.type,
             body=bytes(request.body),
             visibility=Visibility.INTERNAL if internal else Visibility.ALL,
+            expect=(conv.state, conv.agent_id),
         )
         try:
             future = self.store.submit(message)
         except StoreError:
             self.metrics.message_result(request.type, "failed").inc()
             raise
-        future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
+        future.add_done_callback(
+            lambda fut: self._stored(fut, session, request, conv, received, retry=retry)
+        )
 
     @staticmethod
     def _may_write(principal: Principal, conv: Conversation, *, internal: bool) -> None:
@@ -355,6 +396,8 @@ class ChatService:
         principal: Principal,
         received: float,
         conv: Conversation,
+        *,
+        retry: bool,
     ) -> None:
         """A note by an agent of the group on a queued conversation they may read."""
         future = self.store.submit(
@@ -366,9 +409,12 @@ class ChatService:
                 type=request.type,
                 body=bytes(request.body),
                 visibility=Visibility.INTERNAL,
+                expect=(conv.state, conv.agent_id),
             )
         )
-        future.add_done_callback(lambda fut: self._stored(fut, session, request, conv, received))
+        future.add_done_callback(
+            lambda fut: self._stored(fut, session, request, conv, received, retry=retry)
+        )
 
     def _stored(
         self,
@@ -377,9 +423,21 @@ class ChatService:
         request: f.Send,
         conv: Conversation,
         received: float,
+        *,
+        retry: bool = False,
     ) -> None:
         try:
             exc = future.exception()
+            if isinstance(exc, StaleConversation) and retry:
+                self.store.forget_hint(conv.id)
+                self.metrics.stale_sends.inc()
+                self._begin()  # the retry's own count; this one ends below
+                task = asyncio.get_running_loop().create_task(
+                    self._resend_fresh(session, request, received)
+                )
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+                return
             if exc is not None:
                 self.metrics.message_result(request.type, "failed").inc()
                 code = exc.code if isinstance(exc, KefuError) else ErrorCode.STORE_UNAVAILABLE

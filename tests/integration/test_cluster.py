@@ -8,6 +8,7 @@ with real processes are in test_cluster_failures.py.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -271,3 +272,106 @@ async def test_a_node_that_stops_takes_its_agents_connections_with_it(
     await n1.stop()
     assert await connections() == 0
     await agent.close()
+
+
+async def test_queue_positions_come_from_the_groups_owner_with_the_clusters_pace(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    nodes = await start_nodes(2, queue_update_interval=0.02)
+    owner_id = broker(nodes[0]).membership.ring.owner_of_partition("queue", "general")
+    owner = next(s for s in nodes if s.node.config.node_id == owner_id)
+    here = next(s for s in nodes if s is not owner)  # every client is on the other node
+    await here.node.desk.save_agent(Agent(id="ag", name="Ag", capacity=1, groups=("general",)))
+    agent = await connect_to(here, "ag", "agent")
+    customers = [await connect_to(here, f"cu{n}") for n in range(4)]
+    convs = []
+    for customer in customers:
+        convs.append((await customer.request({"op": "open", "id": "o"}))["conversation"]["conv"])
+
+    async def position(n: int, wanted: int, *, estimate: bool = False) -> dict[str, Any]:
+        while True:
+            frame = await customers[n].recv_op("queue_position")
+            if (
+                frame["conv"] == convs[n]
+                and frame["position"] == wanted
+                and (not estimate or frame.get("estimated_wait") is not None)
+            ):
+                return frame
+
+    await position(1, 1)
+    await position(2, 2)
+    await position(3, 3)
+    assert sample(owner, "kefu_queue_position_pushes_total") >= 3
+    assert sample(here, "kefu_queue_position_pushes_total") == 0
+    for n in range(2):  # two assignments made on `here`: the owner learns the pace
+        resolved = await agent.request({"op": "resolve", "id": f"r{n}", "conv": convs[n]})
+        assert resolved["conversation"]["state"] == "resolved", resolved
+        if n == 0:
+            await position(2, 1)  # the next one was assigned
+    await position(3, 1, estimate=True)
+    assert sample(here, "kefu_queue_position_pushes_total") == 0
+    for client in [agent, *customers]:
+        await client.close()
+
+
+async def test_one_desk_step_at_a_time_per_conversation_across_nodes(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    """A customer on two devices, on two nodes, answers a waiting conversation from both
+    at once: both messages are taken (one reply event), neither gets invalid_transition
+    for having decided on the same stale state."""
+    n0, n1 = await start_nodes(2)
+    await n0.node.desk.save_agent(Agent(id="ag", name="Ag", capacity=2, groups=("general",)))
+    agent = await connect_to(n0, "ag", "agent")
+    phone = await connect_to(n0, "cu")
+    laptop = await connect_to(n1, "cu")
+    conv = (await phone.request({"op": "open", "id": "o"}))["conversation"]["conv"]
+    await agent.recv_op("conversation")
+    for round_ in range(8):
+        waiting = await agent.request({"op": "wait", "id": f"w{round_}", "conv": conv})
+        assert waiting["conversation"]["state"] == "waiting", waiting
+        acks = await asyncio.gather(
+            phone.request(send(conv, 2 * round_)), laptop.request(send(conv, 2 * round_ + 1))
+        )
+        assert [a["op"] for a in acks] == ["ack", "ack"], acks
+    for client in (agent, phone, laptop):
+        await client.close()
+
+
+async def test_a_send_authorised_on_a_stale_hint_is_decided_again(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    """Node n1 keeps the conversation as it last saw it (assigned to ag); n0 changes it
+    (wait, then transfer away). The next sends through n1 follow the fresh state: the
+    customer's answers the wait, the old agent's is refused, nothing slips through."""
+    n0, n1 = await start_nodes(2)
+    for agent_id in ("ag", "other"):
+        await n0.node.desk.save_agent(
+            Agent(id=agent_id, name=agent_id, capacity=5, groups=("general",))
+        )
+    ag_there = await connect_to(n0, "ag", "agent")
+    ag_here = await connect_to(n1, "ag", "agent")
+    other = await connect_to(n0, "other", "agent")
+    customer = await connect_to(n1, "cu")
+    await other.request({"op": "status", "id": "s", "status": "away"})
+    conv = (await customer.request({"op": "open", "id": "o"}))["conversation"]["conv"]
+    await ag_there.recv_op("conversation")
+    assert (await ag_here.request(send(conv, 1)))["op"] == "ack"  # n1's hint: assigned to ag
+    assert (await customer.request(send(conv, 2)))["op"] == "ack"
+
+    waiting = await ag_there.request({"op": "wait", "id": "w", "conv": conv})
+    assert waiting["conversation"]["state"] == "waiting"
+    assert (await customer.request(send(conv, 3)))["op"] == "ack"
+    state = await n0.node.store.get_conversation(conv, fresh=True)
+    assert state is not None and state.state.value == "assigned"  # the customer answered
+    assert sample(n1, "kefu_stale_sends_total") >= 1
+
+    await other.request({"op": "status", "id": "s2", "status": "online"})
+    moved = await ag_there.request({"op": "transfer", "id": "t", "conv": conv, "agent": "other"})
+    assert moved["op"] == "conversation", moved
+    refused = await ag_here.request(send(conv, 4))
+    assert refused["op"] == "error" and refused["code"] == "forbidden", refused
+    texts = [m.body for m in await n0.node.store.messages_after(conv, 0, 100) if m.type == "text"]
+    assert len(texts) == 3
+    for client in (ag_there, ag_here, other, customer):
+        await client.close()

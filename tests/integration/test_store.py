@@ -7,15 +7,16 @@ database on the test run's throwaway server).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from kefu.errors import NotFound, StoreClosed
+from kefu.errors import NotFound, StaleConversation, StoreClosed
 from kefu.metrics import Metrics
-from kefu.model import NewMessage, Role
+from kefu.model import ConversationState, NewMessage, Role
 from kefu.store.base import MessageStore
 from kefu.store.postgres import PostgresStore
 from kefu.store.sqlite import SQLiteStore
@@ -284,3 +285,50 @@ async def test_sqlite_hung_writer_is_killed_and_replaced(
         assert (await store.append(msg(conv, 0))).duplicate
     finally:
         await store.close()
+
+
+async def test_postgres_append_checks_the_state_it_was_authorised_against(
+    postgres_url: str,
+) -> None:
+    """Two nodes on one database: a send authorised on a hint another node made stale
+    fails as StaleConversation, stores nothing and burns no seq; the others in its batch
+    are stored."""
+    here = PostgresStore(postgres_url, metrics=Metrics())
+    there = PostgresStore(postgres_url, metrics=Metrics())
+    await here.start()
+    await there.start()
+    try:
+        conv = await here.create_conversation(customer_id="c", agent_id="a", group_id="g")
+        hint = here.conversation_hint(conv.id)
+        assert hint is not None and hint.agent_id == "a"
+        other = await here.create_conversation(customer_id="d", agent_id="a", group_id="g")
+        await there.transition(
+            conv.id,
+            from_states=[ConversationState.ASSIGNED],
+            to_state=ConversationState.QUEUED,
+            event_body=b'{"event":"requeued"}',
+            sender="system",
+            sender_role="system",
+            sets={"agent_id": None},
+        )
+        assert here.conversation_hint(conv.id) == hint  # `here` has not heard of it
+
+        def by_agent(conv_id: str, n: int) -> NewMessage:
+            return dataclasses.replace(
+                msg(conv_id, n, sender="a"),
+                sender_role=Role.AGENT,
+                expect=(ConversationState.ASSIGNED, "a"),
+            )
+
+        stale, fine = here.submit(by_agent(conv.id, 1)), here.submit(by_agent(other.id, 1))
+        with pytest.raises(StaleConversation):
+            await stale
+        assert (await fine).seq == 1
+        assert [m.sender for m in await here.messages_after(conv.id, 0, 10)] == ["system"]
+        fresh = await here.get_conversation(conv.id, fresh=True)
+        assert fresh is not None and here.conversation_hint(conv.id) == fresh
+        customer = dataclasses.replace(msg(conv.id, 2), expect=(ConversationState.QUEUED, None))
+        assert (await here.append(customer)).seq == 2  # the seq the stale one did not burn
+    finally:
+        await here.close()
+        await there.close()

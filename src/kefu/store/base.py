@@ -94,6 +94,16 @@ class MessageStore(abc.ABC):
         """The conversation if it is at hand without I/O (a cache hit), else None."""
         return None
 
+    def conversation_hint(self, conv_id: str) -> Conversation | None:
+        """The conversation as last seen here, without I/O, for authorising a message
+        whose append carries :attr:`NewMessage.expect`: it may be stale where several
+        nodes write (the append then fails with StaleConversation). Else None."""
+        return self.cached_conversation(conv_id)
+
+    def forget_hint(self, conv_id: str) -> None:
+        """Drop a hint that proved stale."""
+        return None
+
     @abc.abstractmethod
     async def list_conversations(self, user_id: str, *, limit: int) -> list[ConversationSummary]:
         """The user's conversations (as customer or agent), most recently active first."""

@@ -14,7 +14,15 @@ from collections.abc import Collection, Mapping
 import msgspec
 
 from kefu import ids
-from kefu.errors import ErrorCode, Forbidden, InvalidTransition, KefuError, NotFound, StoreError
+from kefu.errors import (
+    ErrorCode,
+    Forbidden,
+    InvalidTransition,
+    KefuError,
+    NotFound,
+    StaleConversation,
+    StoreError,
+)
 from kefu.model import Conversation, ConversationState, NewMessage, StoredMessage
 from kefu.store import sqlite_writer as w
 
@@ -25,6 +33,8 @@ def failure(result: w.Failed) -> KefuError:
         return NotFound(result.message)
     if result.code == "invalid_transition":
         return InvalidTransition(result.message)
+    if result.code == "stale":
+        return StaleConversation(result.message)
     return StoreError(result.message)
 
 
@@ -80,6 +90,8 @@ def append_job(message: NewMessage) -> w.Append:
         type=message.type,
         body=message.body,
         visibility=message.visibility.value,
+        expect_state=None if message.expect is None else message.expect[0].value,
+        expect_agent=None if message.expect is None else message.expect[1],
     )
 
 

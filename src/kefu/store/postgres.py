@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -146,6 +147,10 @@ class _Queued:
     queued_at: float
 
 
+#: Conversations a node keeps as hints for authorising sends.
+HINT_CACHE_SIZE = 100_000
+
+
 class PostgresStore(MessageStore):
     """PostgreSQL implementation of :class:`MessageStore` (see the module docstring)."""
 
@@ -174,6 +179,8 @@ class PostgresStore(MessageStore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: list[_Queued] = []
         self._closed = True
+        #: Conversations as last read or written here (see :meth:`conversation_hint`).
+        self._hints: OrderedDict[str, Conversation] = OrderedDict()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -344,10 +351,30 @@ class PostgresStore(MessageStore):
             for row in rows:
                 found = w.Stored(*message_row(row), duplicate=True, visibility=row[9])
                 existing[(found.conv, found.sender, found.client_msg_id)] = found
+        # Lock the rows in one order so that two nodes' batches never deadlock; what the
+        # rows hold now decides whether each append's authorisation still stands.
+        rows = await conn.fetch(
+            "SELECT id, state, agent_id FROM conversations WHERE id = ANY($1::text[]) "
+            "ORDER BY id FOR UPDATE",
+            sorted({j.conv for j in jobs}),
+        )
+        current = {row[0]: (row[1], row[2]) for row in rows}
+        stale: set[int] = set()
+        for i, job in enumerate(jobs):
+            holds = current.get(job.conv)
+            if (
+                job.expect_state is not None
+                and holds is not None
+                and holds != (job.expect_state, job.expect_agent)
+                and (job.conv, job.sender, job.client_msg_id) not in existing
+            ):
+                stale.add(i)
         # How many new messages each conversation gets (a resend in this batch is not new).
         counts: dict[str, int] = {}
         seen: set[tuple[str, str, str | None]] = set(existing)
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            if i in stale:
+                continue
             key = (job.conv, job.sender, job.client_msg_id)
             if job.client_msg_id is not None:
                 if key in seen:
@@ -357,11 +384,6 @@ class PostgresStore(MessageStore):
         next_seq: dict[str, int] = {}
         if counts:
             convs = sorted(counts)
-            # Lock the rows in one order so that two nodes' batches never deadlock.
-            await conn.execute(
-                "SELECT 1 FROM conversations WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
-                convs,
-            )
             for row in await conn.fetch(
                 "UPDATE conversations c SET last_seq = c.last_seq + d.n "
                 "FROM unnest($1::text[], $2::bigint[]) AS d(id, n) WHERE c.id = d.id "
@@ -373,11 +395,20 @@ class PostgresStore(MessageStore):
         out: list[w.Stored | w.Failed] = []
         rows_out: list[w.Stored] = []
         now = ids.now_ms()
-        for job in jobs:
+        for i, job in enumerate(jobs):
             key = (job.conv, job.sender, job.client_msg_id)
             before = existing.get(key) if job.client_msg_id is not None else None
             if before is not None:
                 out.append(before)
+                continue
+            if i in stale:
+                state, agent = current[job.conv]
+                out.append(
+                    w.Failed(
+                        code="stale",
+                        message=f"conversation {job.conv!r} is now {state} (agent {agent})",
+                    )
+                )
                 continue
             if job.conv not in next_seq:
                 out.append(
@@ -590,7 +621,7 @@ class PostgresStore(MessageStore):
             context=context,
         )
         await self._write(jobs.create_job(conv))
-        return conv
+        return self._remember(conv)
 
     async def mark_read(self, conv_id: str, user_id: str, seq: int) -> int:
         result = await self._write(w.MarkRead(conv=conv_id, user=user_id, seq=seq))
@@ -627,13 +658,13 @@ class PostgresStore(MessageStore):
         )
         assert isinstance(result, w.Transitioned)
         assert result.event is not None
-        conv = conversation_from_row(result.conv)
+        conv = self._remember(conversation_from_row(result.conv))
         return conv, jobs.stored_message(result.event), result.previous_agent
 
     async def successor(self, conv_id: str) -> tuple[Conversation, bool]:
         result = await self._write(w.Successor(conv=conv_id, new_id=ids.new_id()))
         assert isinstance(result, w.Transitioned)
-        return conversation_from_row(result.conv), result.created
+        return self._remember(conversation_from_row(result.conv)), result.created
 
     # -- direct statements ----------------------------------------------------------------
 
@@ -654,10 +685,35 @@ class PostgresStore(MessageStore):
         return None if row is None else conversation_from_row(row)
 
     async def get_conversation(self, conv_id: str, *, fresh: bool = False) -> Conversation | None:
+        """Always read: other nodes change conversations (the desk decides on this)."""
         row = await self._read(
             "get_conversation", lambda conn: conn.fetchrow(f"{_CONV_SELECT} WHERE id = $1", conv_id)
         )
-        return None if row is None else conversation_from_row(row)
+        if row is None:
+            return None
+        return self._remember(conversation_from_row(row))
+
+    # -- hints: what a send is authorised against -------------------------------------------
+
+    def conversation_hint(self, conv_id: str) -> Conversation | None:
+        """The conversation as last read or written by this node; another node may have
+        changed it since, which the append's guard catches (``NewMessage.expect``)."""
+        hint = self._hints.get(conv_id)
+        if hint is not None:
+            self._hints.move_to_end(conv_id)
+        return hint
+
+    def forget_hint(self, conv_id: str) -> None:
+        self._hints.pop(conv_id, None)
+
+    def _remember(self, conv: Conversation) -> Conversation:
+        known = self._hints.get(conv.id)
+        if known is None or known.updated_at <= conv.updated_at:
+            self._hints[conv.id] = conv
+        self._hints.move_to_end(conv.id)
+        if len(self._hints) > HINT_CACHE_SIZE:
+            self._hints.popitem(last=False)
+        return conv
 
     async def list_conversations(self, user_id: str, *, limit: int) -> list[ConversationSummary]:
         cols = ", ".join(f"c.{c}" for c in CONV_FIELDS)

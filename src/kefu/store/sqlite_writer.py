@@ -60,6 +60,10 @@ class Append(msgspec.Struct, tag="append", tag_field="k", array_like=True):
     type: str
     body: bytes
     visibility: str = "all"
+    #: The conversation's state and agent the append was authorised against (checked by
+    #: the PostgreSQL store; the SQLite writer is the only writer and ignores it).
+    expect_state: str | None = None
+    expect_agent: str | None = None
 
 
 class Create(msgspec.Struct, tag="create", tag_field="k", array_like=True):
