@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,11 +255,6 @@ def run(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -
         asyncio.run(serve(cfg, reload=reload))
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages)."""
-    return re.sub(r"^([a-z]+://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def _fail(message: str) -> int:
     print(f"kefu: {message}", file=sys.stderr)
     return 2
@@ -280,7 +274,7 @@ async def migrate_database(url: str, *, timeout: float = 5.0) -> tuple[list[int]
     try:
         return await pg_schema.migrate_url(url, timeout=timeout)
     except pg_schema.MigrationFailed as exc:
-        raise DatabaseUnavailable(f"{redact(url)}: {exc}") from exc
+        raise DatabaseUnavailable(f"{config.redact_url(url)}: {exc}") from exc
 
 
 def migrate(cfg: config.Config) -> int:
@@ -325,16 +319,16 @@ async def _home(url: str, user_id: str, vnodes: int) -> list[tuple[str, str]] | 
     try:
         client, _ = await rc.connect(url)
     except unreachable as exc:
-        return f"cannot reach Redis at {redact(url)}: {exc or type(exc).__name__}"
+        return f"cannot reach Redis at {config.redact_url(url)}: {exc or type(exc).__name__}"
     try:
         members = await live_members(client)
     except rc.REDIS_ERRORS as exc:
-        return f"cannot read the members from Redis at {redact(url)}: {exc}"
+        return f"cannot read the members from Redis at {config.redact_url(url)}: {exc}"
     finally:
         await client.aclose()
     nodes = nodes_of(members)
     if not nodes:
-        return f"no live node in the cluster (Redis at {redact(url)} lists none)"
+        return f"no live node in the cluster (Redis at {config.redact_url(url)} lists none)"
     ring = ring_of(members, vnodes)
     home = nodes[ring.owner(user_id)]
     return [
@@ -404,7 +398,7 @@ async def _runtime_config(
     try:
         client, _ = await rc.connect(url)
     except rc.REDIS_ERRORS as exc:
-        return f"cannot reach Redis at {redact(url)}: {exc}"
+        return f"cannot reach Redis at {config.redact_url(url)}: {exc}"
     try:
         if action == "set" and values:
             await client.hset(rc.SETTINGS, mapping=dict[Any, Any](values))

@@ -464,3 +464,17 @@ def dev_secret(data_dir: Path) -> str:
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(secret + "\n")
     return secret
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for logs and messages: the password masked as ``***``, the query and
+    fragment dropped (either may carry a token or a password). Works on seed lists
+    (``redis://:pw@h1:1,h2:2/0``), which urllib cannot parse."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    userinfo, at, hosts = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{head}://{userinfo}{at}{hosts}"

@@ -54,12 +54,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
 
-from kefu.config import WebhookSettings
+from kefu.config import WebhookSettings, redact_url
 from kefu.ids import new_id, now_ms
 from kefu.metrics import Metrics
 
@@ -289,13 +288,6 @@ class Lanes:
 # -- I/O ----------------------------------------------------------------------------------
 
 
-def _redact(url: str) -> str:
-    """The URL for logs: no credentials, no query string (either may hold a token)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
 def _describe(exc: BaseException) -> str:
     detail = str(exc)
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
@@ -314,7 +306,7 @@ class _Receiver:
         on_settled: Callable[[], None],
     ) -> None:
         self.url = url
-        self.name = _redact(url)
+        self.name = redact_url(url)
         self.lanes = Lanes(settings.webhook_queue_size)
         self._settings = settings
         self._metrics = metrics

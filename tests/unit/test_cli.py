@@ -11,7 +11,7 @@ from kefu import __version__, cli
 from kefu.auth import verify_token
 from kefu.cli import main
 from kefu.cluster import local
-from kefu.config import Config, dev_secret
+from kefu.config import Config, dev_secret, redact_url
 from kefu.model import Role
 
 
@@ -159,11 +159,14 @@ def test_route_resolves_redis_and_vnodes_like_serve(
     assert capsys.readouterr().err.strip() == "kefu: route: no live node"
 
 
-def test_redact_hides_passwords_only() -> None:
-    assert cli.redact(DATABASE) == "postgresql://kefu:***@127.0.0.1:5499/kefu"
-    assert cli.redact("redis://:pw@h1:1,h2:2/0") == "redis://:***@h1:1,h2:2/0"
+def test_redact_hides_passwords_and_queries() -> None:
+    assert redact_url(DATABASE) == "postgresql://kefu:***@127.0.0.1:5499/kefu"
+    assert redact_url("redis://:pw@h1:1,h2:2/0") == "redis://:***@h1:1,h2:2/0"
+    assert redact_url("https://u:p@hooks.example/in?token=t#x") == "https://u:***@hooks.example/in"
+    assert redact_url("postgresql://h/db?password=p") == "postgresql://h/db"
+    assert redact_url("not a url") == "not a url"
     assert (
-        cli.redact("postgresql://postgres@127.0.0.1/kefu") == "postgresql://postgres@127.0.0.1/kefu"
+        redact_url("postgresql://postgres@127.0.0.1/kefu") == "postgresql://postgres@127.0.0.1/kefu"
     )
 
 

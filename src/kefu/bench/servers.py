@@ -12,7 +12,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,13 +20,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from kefu.cluster.local import free_port
+
 STARTUP_TIMEOUT = 30.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _raise_nofile() -> None:  # runs in the child between fork and exec

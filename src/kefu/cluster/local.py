@@ -308,12 +308,12 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port(avoid: Iterable[int] = ()) -> int:
-    """A port free on ``HOST`` now, outside ``avoid``."""
+def free_port(avoid: Iterable[int] = (), *, host: str = HOST) -> int:
+    """A port free on ``host`` now, outside ``avoid``."""
     taken = set(avoid)
     while True:
         with socket.socket() as sock:
-            sock.bind((HOST, 0))
+            sock.bind((host, 0))
             port = int(sock.getsockname()[1])
         if port not in taken:
             return port

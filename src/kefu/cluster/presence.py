@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kefu import tasks
 from kefu.cluster import redis_client as rc
@@ -110,28 +110,31 @@ class Presence:
     async def purge(self, member: str) -> None:
         """Remove every presence entry of incarnation ``member`` (dead, or this one closing)."""
         users_key = rc.member_users(member)
-        users = [rc.text(u) for u in await self.client.smembers(users_key)]
-        for start in range(0, len(users), WRITE_BATCH):
-            chunk = users[start : start + WRITE_BATCH]
-            pipe = self.client.pipeline(transaction=False)
-            for user in chunk:
-                pipe.hgetall(rc.presence(user))
-            entries = await pipe.execute()
-            pipe = self.client.pipeline(transaction=False)
-            for user, fields in zip(chunk, entries, strict=True):
-                stale = [conn for conn, holder in fields.items() if rc.text(holder) == member]
-                if stale:
-                    pipe.hdel(rc.presence(user), *stale)
-            if len(pipe):
-                await pipe.execute()
+        users = sorted(rc.text(u) for u in await self.client.smembers(users_key))
+        await self._rewrite(member, users, lambda user: set())
         await self.client.delete(users_key)
 
     async def resync(self) -> None:
         """Make Redis hold exactly this node's connections for this incarnation."""
         self._pending.clear()  # the Hub is newer than anything queued
-        users_key = rc.member_users(self.incarnation)
-        known = {rc.text(u) for u in await self.client.smembers(users_key)}
-        users = sorted(known | set(self.hub.users()))
+        # Cleared first: a failure that marks it dirty during the rewrite is not lost.
+        self.dirty = False
+        try:
+            known = await self.client.smembers(rc.member_users(self.incarnation))
+            users = sorted({rc.text(u) for u in known} | set(self.hub.users()))
+            await self._rewrite(
+                self.incarnation, users, lambda user: {s.id for s in self.hub.sessions(user)}
+            )
+        except BaseException:
+            self.dirty = True
+            raise
+
+    async def _rewrite(
+        self, member: str, users: list[str], mine: Callable[[str], set[str]]
+    ) -> None:
+        """Make each user's presence hold exactly ``mine(user)`` for ``member``: drop its
+        other entries, write these, and keep the member's user set to match."""
+        users_key = rc.member_users(member)
         for start in range(0, len(users), WRITE_BATCH):
             chunk = users[start : start + WRITE_BATCH]
             pipe = self.client.pipeline(transaction=False)
@@ -140,18 +143,18 @@ class Presence:
             entries = await pipe.execute()
             pipe = self.client.pipeline(transaction=False)
             for user, fields in zip(chunk, entries, strict=True):
-                mine = {s.id for s in self.hub.sessions(user)}
+                held = mine(user)
                 stale = [
                     conn
                     for conn, holder in fields.items()
-                    if rc.text(holder) == self.incarnation and rc.text(conn) not in mine
+                    if rc.text(holder) == member and rc.text(conn) not in held
                 ]
                 if stale:
                     pipe.hdel(rc.presence(user), *stale)
-                if mine:
-                    pipe.hset(rc.presence(user), mapping=dict.fromkeys(mine, self.incarnation))
+                if held:
+                    pipe.hset(rc.presence(user), mapping=dict.fromkeys(held, member))
                     pipe.sadd(users_key, user)
                 else:
                     pipe.srem(users_key, user)
-            await pipe.execute()
-        self.dirty = False
+            if len(pipe):
+                await pipe.execute()

@@ -20,7 +20,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -37,8 +37,17 @@ PREFIX = "kefu:{rt}:"
 LOCK_WAIT = 10.0
 LOCK_TTL_MS = 30_000
 #: Set once the shared state was rebuilt from the store; gone when Redis lost its data.
-BUILT = PREFIX + "built"
-REBUILDING = PREFIX + "rebuilding"
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    """Redis failing a routing command: a retryable ClusterError (a cancellation that a
+    driver turned into a timeout stays a cancellation)."""
+    try:
+        yield
+    except rc.REDIS_ERRORS as exc:
+        stop_if_cancelled()
+        raise ClusterError(f"routing state unavailable: {exc}") from exc
 
 
 def _script_text() -> str:
@@ -71,11 +80,8 @@ class RedisRouting(RoutingBackend):
     async def _call(self, op: str, *args: str | int) -> Any:
         if self._client is None or self._script is None:  # not started, or closed
             raise ClusterError("the routing backend is not connected")
-        try:
+        with _unavailable():
             return await self._script(keys=[PREFIX + "agents"], args=[op, *args])
-        except rc.REDIS_ERRORS as exc:
-            stop_if_cancelled()
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
@@ -86,15 +92,12 @@ class RedisRouting(RoutingBackend):
         name = f"{PREFIX}lock:{key}"
         deadline = time.monotonic() + LOCK_WAIT
         pause = 0.005
-        try:
+        with _unavailable():
             while not await self.client.set(name, token, nx=True, px=LOCK_TTL_MS):
                 if time.monotonic() > deadline:
                     raise ClusterError(f"{key} is busy: retry")
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.1)
-        except rc.REDIS_ERRORS as exc:
-            stop_if_cancelled()
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
         try:
             yield
         finally:
@@ -104,26 +107,16 @@ class RedisRouting(RoutingBackend):
     # -- rebuilding ---------------------------------------------------------------------
 
     async def claim_rebuild(self, ttl_ms: int = 60_000) -> bool:
-        """True when the shared state is missing and this node got to rebuild it."""
-        try:
-            if await self.client.exists(BUILT):
-                return False
-            return bool(await self.client.set(REBUILDING, self.incarnation, nx=True, px=ttl_ms))
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
+        """True when the shared state is missing and this node got to rebuild it (one
+        atomic step: see ``claim_rebuild`` in the script)."""
+        return bool(await self._call("claim_rebuild", self.incarnation, ttl_ms))
 
     async def rebuilt(self) -> None:
-        try:
-            await self.client.set(BUILT, self.incarnation)
-            await self.client.delete(REBUILDING)
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
+        await self._call("rebuilt", self.incarnation)
 
     async def needs_report(self) -> bool:
-        try:
+        with _unavailable():
             return not await self.client.exists(f"{PREFIX}reported:{self.incarnation}")
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
 
     async def report(self, counts: dict[str, int], now: int) -> None:
         args: list[str | int] = [self.incarnation, now]
@@ -193,20 +186,16 @@ class RedisRouting(RoutingBackend):
         return [_entry(raw, kind) for raw, kind in await self._call("queue", group) if raw]
 
     async def queue_length(self, group: str) -> int:
-        try:
+        with _unavailable():
             pipe = self.client.pipeline(transaction=False)
             pipe.llen(f"{PREFIX}ql:{group}")
             pipe.llen(f"{PREFIX}qb:{group}")
             live, backlog = await pipe.execute()
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
         return int(live) + int(backlog)
 
     async def queued_groups(self) -> list[str]:
-        try:
+        with _unavailable():
             groups = await self.client.smembers(PREFIX + "queued")
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
         return sorted(rc.text(g) for g in groups)
 
     async def move_to_backlog(self, group: str, older_than: int) -> list[QueueEntry]:
@@ -233,10 +222,8 @@ class RedisRouting(RoutingBackend):
         )
 
     async def holds(self, agent_id: str, conv: str) -> bool:
-        try:
+        with _unavailable():
             return bool(await self.client.sismember(f"{PREFIX}act:{agent_id}", conv))
-        except rc.REDIS_ERRORS as exc:
-            raise ClusterError(f"routing state unavailable: {exc}") from exc
 
     async def release(self, agent_id: str, conv: str, now: int) -> None:
         await self._call("release", agent_id, conv)

@@ -18,6 +18,8 @@
 --   <p>entries           HASH   conversation -> queue entry (JSON)
 --   <p>where             HASH   conversation -> "l:<group>" or "b:<group>"
 --   <p>queued            SET    groups with at least one entry
+--   <p>built             STRING set once the state is complete (rebuilt from the store)
+--   <p>rebuilding        STRING the incarnation rebuilding it, with an expiry
 
 local P = string.sub(KEYS[1], 1, -7)
 local op = ARGV[1]
@@ -331,6 +333,19 @@ elseif op == "unlock" then
 
 elseif op == "accepted" then
   redis.call("HDEL", P .. "una:" .. ARGV[2], ARGV[3])
+  return 1
+
+elseif op == "claim_rebuild" then
+  -- The state is missing (no <p>built) and nobody is rebuilding it: this caller
+  -- (ARGV[2], its incarnation) does, for at most ARGV[3] ms. One step, so that a node
+  -- that saw <p>built missing just before another finished cannot rebuild again.
+  if redis.call("EXISTS", P .. "built") == 1 then return 0 end
+  if redis.call("SET", P .. "rebuilding", ARGV[2], "NX", "PX", ARGV[3]) then return 1 end
+  return 0
+
+elseif op == "rebuilt" then
+  redis.call("SET", P .. "built", ARGV[2])
+  redis.call("DEL", P .. "rebuilding")
   return 1
 end
 
