@@ -329,6 +329,11 @@ async def test_postgres_append_checks_the_state_it_was_authorised_against(
         assert fresh is not None and here.conversation_hint(conv.id) == fresh
         customer = dataclasses.replace(msg(conv.id, 2), expect=(ConversationState.QUEUED, None))
         assert (await here.append(customer)).seq == 2  # the seq the stale one did not burn
+        # Every write that returns the conversation refreshes the hint (else a send would
+        # stamp the first response again and again).
+        stamped = await here.stamp_response(other.id, "a")
+        assert stamped is not None and stamped.first_response_at is not None
+        assert here.conversation_hint(other.id) == stamped
     finally:
         await here.close()
         await there.close()

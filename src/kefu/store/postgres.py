@@ -682,7 +682,7 @@ class PostgresStore(MessageStore):
         row = await self._read(
             "update", lambda conn: conn.fetchrow(f"{sql} RETURNING {CONV_COLUMNS}", *params)
         )
-        return None if row is None else conversation_from_row(row)
+        return None if row is None else self._remember(conversation_from_row(row))
 
     async def get_conversation(self, conv_id: str, *, fresh: bool = False) -> Conversation | None:
         """Always read: other nodes change conversations (the desk decides on this)."""
