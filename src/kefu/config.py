@@ -114,6 +114,7 @@ class ClusterSettings:
     database_url: str = ""
     pg_pool_min: int = 2
     pg_pool_max: int = 10
+    pg_writers: int = 1
     #: A PostgreSQL statement unanswered this long fails (retryably).
     pg_command_timeout: float = 5.0
     #: The URL other nodes, ``kefu route`` and the admin API give for this node. Empty:
@@ -277,6 +278,10 @@ def _validate(cfg: Config) -> None:
             "need 1 <= pg_pool_min <= pg_pool_max",
         ),
         (cfg.cluster.pg_command_timeout > 0, "pg_command_timeout must be positive"),
+        (
+            1 <= cfg.cluster.pg_writers < cfg.cluster.pg_pool_max,
+            "need 1 <= pg_writers < pg_pool_max (reads need a connection too)",
+        ),
         (cfg.cluster.node_weight > 0, "node_weight must be positive"),
         (cfg.cluster.ring_vnodes >= 1, "ring_vnodes must be positive"),
         (

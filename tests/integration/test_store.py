@@ -31,11 +31,12 @@ STORES: dict[str, StoreFactory] = {
 }
 
 
-@pytest.fixture(params=[*sorted(STORES), "postgres"])
+@pytest.fixture(params=[*sorted(STORES), "postgres", "postgres-2-writers"])
 def factory(request: pytest.FixtureRequest) -> StoreFactory:
-    if request.param == "postgres":
+    if request.param.startswith("postgres"):
         url: str = request.getfixturevalue("postgres_url")
-        return lambda path, metrics: PostgresStore(url, metrics=metrics)
+        writers = 2 if request.param == "postgres-2-writers" else 1
+        return lambda path, metrics: PostgresStore(url, metrics=metrics, writers=writers)
     return STORES[request.param]
 
 

@@ -20,6 +20,7 @@ def create_store(config: Config, metrics: Metrics) -> MessageStore:
             pool_min=config.cluster.pg_pool_min,
             pool_max=config.cluster.pg_pool_max,
             command_timeout=config.cluster.pg_command_timeout,
+            writers=config.cluster.pg_writers,
         )
     from kefu.store.sqlite import SQLiteStore
 

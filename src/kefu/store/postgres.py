@@ -61,7 +61,6 @@ from kefu.store.sqlite_schema import (
     MESSAGE_COLUMNS,
     conversation_from_row,
     message_from_row,
-    message_row,
 )
 
 log = logging.getLogger(__name__)
@@ -100,23 +99,44 @@ UNKNOWN_OUTCOME = (
     "the database connection failed: outcome unknown, resend with the same client_msg_id"
 )
 
-_MESSAGE_FIELDS = MESSAGE_COLUMNS.split(", ")
 _CONV_SELECT = f"SELECT {CONV_COLUMNS} FROM conversations"
-_INSERT_MESSAGES = (
-    f"INSERT INTO messages ({MESSAGE_COLUMNS}) SELECT * FROM unnest($1::text[], "
-    "$2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[], "
-    "$9::bigint[], $10::text[])"
-)
-_FIND_RESENDS = (
-    f"SELECT {', '.join('m.' + c for c in _MESSAGE_FIELDS)} FROM messages m JOIN "
-    "unnest($1::text[], $2::text[], $3::text[]) AS k(conv, sender, cmid) "
-    "ON m.conversation_id = k.conv AND m.sender_id = k.sender AND m.client_msg_id = k.cmid"
-)
 #: Lower-cased (Unicode-aware, whatever the database's locale) searchable text of a body.
 _SEARCH_TEXT = (
     "lower((COALESCE(b.j ->> 'text', '') || ' ' || COALESCE(b.j ->> 'title', '') || ' ' || "
     "COALESCE(b.j ->> 'id', '')) COLLATE \"und-x-icu\")"
 )
+
+_APPEND = (
+    "SELECT * FROM kefu_append($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+    "$6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint)"
+)
+
+
+def _append_result(job: w.Append, row: asyncpg.Record) -> w.Stored | w.Failed:
+    """One row of ``kefu_append`` as the job's result."""
+    outcome = row["outcome"]
+    if outcome in ("stored", "duplicate"):
+        return w.Stored(
+            conv=job.conv,
+            seq=row["seq"],
+            msg_id=row["msg_id"],
+            sender=job.sender,
+            sender_role=row["sender_role"],
+            client_msg_id=job.client_msg_id,
+            type=row["type"],
+            body=bytes(row["body"]),
+            ts=row["ts"],
+            duplicate=outcome == "duplicate",
+            visibility=row["visibility"],
+        )
+    if outcome == "stale":
+        return w.Failed(
+            code="stale",
+            message=f"conversation {job.conv!r} is now {row['cur_state']} "
+            f"(agent {row['cur_agent']})",
+        )
+    return w.Failed(code="not_found", message=f"conversation {job.conv!r} does not exist")
+
 
 #: A pooled connection (what every statement here runs on).
 if TYPE_CHECKING:
@@ -147,6 +167,30 @@ class _Queued:
     queued_at: float
 
 
+@dataclasses.dataclass(eq=False)
+class _Lane:
+    """One writer: its queue, the batch it is committing, its task. A conversation's jobs
+    always go to the same lane, so they commit in the order they were submitted."""
+
+    number: int
+    queue: list[_Queued] = dataclasses.field(default_factory=list)
+    inflight: list[_Queued] = dataclasses.field(default_factory=list)
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def oldest(self) -> float | None:
+        first = self.inflight[0] if self.inflight else self.queue[0] if self.queue else None
+        return None if first is None else first.queued_at
+
+
+def _conversation_of(job: w.Job) -> str:
+    """The conversation a write job belongs to (its lane's key)."""
+    if isinstance(job, w.Create):
+        return job.id
+    conv: str = getattr(job, "conv", "")
+    return conv
+
+
 #: Conversations a node keeps as hints for authorising sends.
 HINT_CACHE_SIZE = 100_000
 
@@ -164,6 +208,7 @@ class PostgresStore(MessageStore):
         pool_min: int = 2,
         pool_max: int = 10,
         command_timeout: float = 5.0,
+        writers: int = 1,
     ) -> None:
         self.url = url
         self.metrics = metrics
@@ -173,11 +218,10 @@ class PostgresStore(MessageStore):
         self.pool_max = pool_max
         self.command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
-        self._queue: list[_Queued] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        #: Writers committing concurrently (each its own batches and connection), so that
+        #: a batch waits for the one before it in its lane only, not for every commit.
+        self._lanes = [_Lane(n) for n in range(max(1, writers))]
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: list[_Queued] = []
         self._closed = True
         #: Conversations as last read or written here (see :meth:`conversation_hint`).
         self._hints: OrderedDict[str, Conversation] = OrderedDict()
@@ -207,32 +251,35 @@ class PostgresStore(MessageStore):
         except STATEMENT_ERRORS as exc:
             raise StoreError(f"cannot open the database: {exc}") from exc
         self._closed = False
-        self._writer = self._loop.create_task(self._write_loop(), name="kefu-pg-writer")
+        for lane in self._lanes:
+            lane.task = self._loop.create_task(
+                self._write_loop(lane), name=f"kefu-pg-writer-{lane.number}"
+            )
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._wake.set()
-        if self._writer is not None:
-            await self._writer  # finishes what was queued (it stops once the queue is empty)
+        for lane in self._lanes:
+            lane.wake.set()
+        for lane in self._lanes:
+            if lane.task is not None:
+                await lane.task  # finishes what was queued (it stops once the queue is empty)
         if self._pool is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await asyncio.wait_for(self._pool.close(), self.command_timeout)
 
     async def ping(self) -> None:
-        if self._closed or self._writer is None or self._writer.done():
+        if self._closed or any(lane.task is None or lane.task.done() for lane in self._lanes):
             raise StoreError("the store writer is not running")
-        oldest = self._inflight[0].queued_at if self._inflight else None
-        if oldest is None and self._queue:
-            oldest = self._queue[0].queued_at
-        if oldest is not None and time.monotonic() - oldest > STALL_SECONDS:
+        waiting = [t for t in (lane.oldest() for lane in self._lanes) if t is not None]
+        if waiting and time.monotonic() - min(waiting) > STALL_SECONDS:
             raise StoreError(f"a write has waited over {STALL_SECONDS:.0f}s for the database")
         await self._read("ping", lambda conn: conn.fetchval("SELECT 1"))
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + len(self._inflight)
+        return sum(len(lane.queue) + len(lane.inflight) for lane in self._lanes)
 
     # -- the writer -----------------------------------------------------------------------
 
@@ -246,21 +293,23 @@ class PostgresStore(MessageStore):
                 retry_after=OVERLOAD_RETRY_AFTER,
             )
         future: asyncio.Future[w.Result] = self._loop.create_future()
-        self._queue.append(_Queued(job, future, time.monotonic()))
-        self._wake.set()
+        lanes = self._lanes
+        lane = lanes[hash(_conversation_of(job)) % len(lanes)] if len(lanes) > 1 else lanes[0]
+        lane.queue.append(_Queued(job, future, time.monotonic()))
+        lane.wake.set()
         return future
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self, lane: _Lane) -> None:
         while True:
-            if not self._queue:
+            if not lane.queue:
                 if self._closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                lane.wake.clear()
+                await lane.wake.wait()
                 continue
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
-            self._inflight = batch
+            batch = lane.queue[: self.max_batch]
+            del lane.queue[: self.max_batch]
+            lane.inflight = batch
             started = time.perf_counter()
             try:
                 results = await self._run_batch([q.job for q in batch])
@@ -268,7 +317,7 @@ class PostgresStore(MessageStore):
                 log.exception("write batch failed")
                 results = [w.Failed(code="store_unavailable", message=str(exc))] * len(batch)
             finally:
-                self._inflight = []
+                lane.inflight = []
             self.metrics.store_batch_size.observe(len(batch))
             self.metrics.store_commit_seconds.observe(time.perf_counter() - started)
             for queued, result in zip(batch, results, strict=True):
@@ -281,11 +330,13 @@ class PostgresStore(MessageStore):
         assert self._pool is not None
         for attempt in range(RACE_RETRIES + 1):
             try:
-                async with (
-                    self._pool.acquire(timeout=self.command_timeout) as conn,
-                    conn.transaction(),
-                ):
-                    return await self._apply(conn, jobs)
+                async with self._pool.acquire(timeout=self.command_timeout) as conn:
+                    appends = [job for job in jobs if isinstance(job, w.Append)]
+                    if len(appends) == len(jobs):
+                        # One statement: its own transaction, one round trip.
+                        return list(await self._append_many(conn, appends))
+                    async with conn.transaction():
+                        return await self._apply(conn, jobs)
             except RACE_ERRORS as exc:
                 if attempt == RACE_RETRIES:
                     log.warning("batch of %d lost %d races: %s", len(jobs), attempt + 1, exc)
@@ -339,104 +390,47 @@ class PostgresStore(MessageStore):
         return results  # type: ignore[return-value]
 
     async def _append_many(self, conn: Conn, jobs: list[w.Append]) -> list[w.Stored | w.Failed]:
-        keyed = [j for j in jobs if j.client_msg_id is not None]
-        existing: dict[tuple[str, str, str | None], w.Stored] = {}
-        if keyed:
-            rows = await conn.fetch(
-                _FIND_RESENDS,
-                [j.conv for j in keyed],
-                [j.sender for j in keyed],
-                [j.client_msg_id for j in keyed],
-            )
-            for row in rows:
-                found = w.Stored(*message_row(row), duplicate=True, visibility=row[9])
-                existing[(found.conv, found.sender, found.client_msg_id)] = found
-        # Lock the rows in one order so that two nodes' batches never deadlock; what the
-        # rows hold now decides whether each append's authorisation still stands.
-        rows = await conn.fetch(
-            "SELECT id, state, agent_id FROM conversations WHERE id = ANY($1::text[]) "
-            "ORDER BY id FOR UPDATE",
-            sorted({j.conv for j in jobs}),
-        )
-        current = {row[0]: (row[1], row[2]) for row in rows}
-        stale: set[int] = set()
+        """Store a batch of appends with one call of ``kefu_append`` (migration 0002: one
+        round trip; see the function for the rules). A key repeated within the batch is
+        sent once; its repeats take its result as duplicates."""
+        first: dict[tuple[str, str, str], int] = {}
+        repeats: dict[int, int] = {}
+        sent: list[w.Append] = []
         for i, job in enumerate(jobs):
-            holds = current.get(job.conv)
-            if (
-                job.expect_state is not None
-                and holds is not None
-                and holds != (job.expect_state, job.expect_agent)
-                and (job.conv, job.sender, job.client_msg_id) not in existing
-            ):
-                stale.add(i)
-        # How many new messages each conversation gets (a resend in this batch is not new).
-        counts: dict[str, int] = {}
-        seen: set[tuple[str, str, str | None]] = set(existing)
-        for i, job in enumerate(jobs):
-            if i in stale:
-                continue
-            key = (job.conv, job.sender, job.client_msg_id)
             if job.client_msg_id is not None:
-                if key in seen:
+                key = (job.conv, job.sender, job.client_msg_id)
+                if key in first:
+                    repeats[i] = first[key]
                     continue
-                seen.add(key)
-            counts[job.conv] = counts.get(job.conv, 0) + 1
-        next_seq: dict[str, int] = {}
-        if counts:
-            convs = sorted(counts)
-            for row in await conn.fetch(
-                "UPDATE conversations c SET last_seq = c.last_seq + d.n "
-                "FROM unnest($1::text[], $2::bigint[]) AS d(id, n) WHERE c.id = d.id "
-                "RETURNING c.id, c.last_seq",
-                convs,
-                [counts[c] for c in convs],
-            ):
-                next_seq[row[0]] = row[1] - counts[row[0]] + 1
+                first[key] = len(sent)
+            sent.append(job)
+        rows = await conn.fetch(
+            _APPEND,
+            [j.conv for j in sent],
+            [j.sender for j in sent],
+            [j.sender_role for j in sent],
+            [j.client_msg_id for j in sent],
+            [j.type for j in sent],
+            [j.body for j in sent],
+            [j.visibility for j in sent],
+            [j.expect_state for j in sent],
+            [j.expect_agent for j in sent],
+            [ids.new_id() for _ in sent],
+            ids.now_ms(),
+        )
+        results = iter([_append_result(job, row) for job, row in zip(sent, rows, strict=True)])
         out: list[w.Stored | w.Failed] = []
-        rows_out: list[w.Stored] = []
-        now = ids.now_ms()
-        for i, job in enumerate(jobs):
-            key = (job.conv, job.sender, job.client_msg_id)
-            before = existing.get(key) if job.client_msg_id is not None else None
-            if before is not None:
-                out.append(before)
-                continue
-            if i in stale:
-                state, agent = current[job.conv]
-                out.append(
-                    w.Failed(
-                        code="stale",
-                        message=f"conversation {job.conv!r} is now {state} (agent {agent})",
-                    )
-                )
-                continue
-            if job.conv not in next_seq:
-                out.append(
-                    w.Failed(code="not_found", message=f"conversation {job.conv!r} does not exist")
-                )
-                continue
-            seq = next_seq[job.conv]
-            next_seq[job.conv] = seq + 1
-            stored = w.Stored(
-                conv=job.conv,
-                seq=seq,
-                msg_id=ids.new_id(),
-                sender=job.sender,
-                sender_role=job.sender_role,
-                client_msg_id=job.client_msg_id,
-                type=job.type,
-                body=job.body,
-                ts=now,
-                visibility=job.visibility,
-            )
-            if job.client_msg_id is not None:  # a resend later in this same batch
-                existing[key] = msgspec.structs.replace(stored, duplicate=True)
-            out.append(stored)
-            rows_out.append(stored)
-        if rows_out:
-            columns = list(zip(*(msgspec.structs.astuple(s) for s in rows_out), strict=True))
-            # Stored: conv seq msg_id sender role cmid type body ts duplicate visibility
-            await conn.execute(_INSERT_MESSAGES, *columns[:9], columns[10])
+        by_sent: list[w.Stored | w.Failed] = []
+        for i in range(len(jobs)):
+            if i in repeats:
+                earlier = by_sent[repeats[i]]
+                if isinstance(earlier, w.Stored):
+                    earlier = msgspec.structs.replace(earlier, duplicate=True)
+                out.append(earlier)
+            else:
+                result = next(results)
+                by_sent.append(result)
+                out.append(result)
         return out
 
     async def _create(self, conn: Conn, job: w.Create) -> w.Done:
