@@ -66,6 +66,7 @@ from kefu.positions import QUEUE_TOPIC, QueuePositions
 from kefu.protocol import frames as f
 from kefu.protocol.server import encode
 from kefu.routing import AgentState, Assignment, QueueEntry, RoutingBackend, RoutingError
+from kefu.routing import base as routing_base
 from kefu.store.base import ConversationFilter, MessageStore
 from kefu.views import agent_frame, conversation_info, message_frame, message_json
 from kefu.webhooks import Webhooks
@@ -1249,13 +1250,14 @@ class Desk:
         s = self.settings
         await self._recover(now)
         owns = self.owns
-        for agent_id in await self.routing.gone(int(s.agent_offline_grace * 1000), now):
+        agents = await self.routing.agents()  # one snapshot for both agent timers
+        for agent_id in routing_base.gone(agents, int(s.agent_offline_grace * 1000), now):
             if owns("agent", agent_id):
                 self.metrics.timer_actions.labels(kind="agent_offline").inc()
                 await self._requeue_all(agent_id, reason="agent_offline")
         if s.accept_timeout:
-            for agent_id, conv_id in await self.routing.unaccepted_since(
-                now - int(s.accept_timeout * 1000)
+            for agent_id, conv_id in routing_base.unaccepted_since(
+                agents, now - int(s.accept_timeout * 1000)
             ):
                 if owns("agent", agent_id):
                     await self._accept_timeout(agent_id, conv_id)

@@ -155,9 +155,9 @@ class RoutingBackend(abc.ABC):
     async def set_status(self, agent_id: str, status: AgentStatus, now: int) -> AgentState:
         """Set the status the agent chose."""
 
-    @abc.abstractmethod
     async def gone(self, grace_ms: int, now: int) -> list[str]:
         """Agents without a connection for ``grace_ms`` who still hold conversations."""
+        return gone(await self.agents(), grace_ms, now)
 
     # -- queues -----------------------------------------------------------------------------
 
@@ -229,9 +229,27 @@ class RoutingBackend(abc.ABC):
     async def accepted(self, agent_id: str, conv: str) -> None:
         """The agent took on the conversation: its accept timer stops."""
 
-    @abc.abstractmethod
     async def unaccepted_since(self, before: int) -> list[tuple[str, str]]:
         """(agent, conv) pairs assigned before ``before`` and not yet accepted."""
+        return unaccepted_since(await self.agents(), before)
+
+
+def gone(agents: Collection[AgentState], grace_ms: int, now: int) -> list[str]:
+    """Of a snapshot (:meth:`RoutingBackend.agents`): agents without a connection for
+    ``grace_ms`` who still hold conversations."""
+    return [
+        a.id
+        for a in agents
+        if a.connections == 0
+        and a.disconnected_at is not None
+        and now - a.disconnected_at >= grace_ms
+        and a.active
+    ]
+
+
+def unaccepted_since(agents: Collection[AgentState], before: int) -> list[tuple[str, str]]:
+    """Of a snapshot: (agent, conv) pairs assigned before ``before``, not yet accepted."""
+    return [(a.id, conv) for a in agents for conv, at in a.unaccepted.items() if at < before]
 
 
 def refuse(code: ErrorCode, message: str) -> RoutingError:

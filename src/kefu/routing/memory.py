@@ -87,16 +87,6 @@ class MemoryRouting(RoutingBackend):
         state.status = status
         return _copy(state)
 
-    async def gone(self, grace_ms: int, now: int) -> list[str]:
-        return [
-            state.id
-            for state in self._agents.values()
-            if state.connections == 0
-            and state.disconnected_at is not None
-            and now - state.disconnected_at >= grace_ms
-            and state.active
-        ]
-
     # -- queues -------------------------------------------------------------------------------
 
     async def enqueue(self, entry: QueueEntry, *, head: bool = False) -> None:
@@ -248,14 +238,6 @@ class MemoryRouting(RoutingBackend):
         state = self._agents.get(agent_id)
         if state is not None:
             state.unaccepted.pop(conv, None)
-
-    async def unaccepted_since(self, before: int) -> list[tuple[str, str]]:
-        return [
-            (state.id, conv)
-            for state in self._agents.values()
-            for conv, at in state.unaccepted.items()
-            if at < before
-        ]
 
 
 def _copy(state: AgentState) -> AgentState:

@@ -156,16 +156,6 @@ class RedisRouting(RoutingBackend):
     async def set_status(self, agent_id: str, status: AgentStatus, now: int) -> AgentState:
         return _agent(_checked(await self._call("status", agent_id, status.value, now)))
 
-    async def gone(self, grace_ms: int, now: int) -> list[str]:
-        return [
-            a.id
-            for a in await self.agents()
-            if a.connections == 0
-            and a.disconnected_at is not None
-            and now - a.disconnected_at >= grace_ms
-            and a.active
-        ]
-
     # -- queues -------------------------------------------------------------------------
 
     async def enqueue(self, entry: QueueEntry, *, head: bool = False) -> None:
@@ -230,14 +220,6 @@ class RedisRouting(RoutingBackend):
 
     async def accepted(self, agent_id: str, conv: str) -> None:
         await self._call("accepted", agent_id, conv)
-
-    async def unaccepted_since(self, before: int) -> list[tuple[str, str]]:
-        return [
-            (a.id, conv)
-            for a in await self.agents()
-            for conv, at in a.unaccepted.items()
-            if at < before
-        ]
 
 
 _ERRORS = {
