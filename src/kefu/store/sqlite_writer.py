@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 SEQ_CACHE_SIZE = 100_000
 #: WAL size (pages) past which the writer checkpoints itself so that the WAL restarts.
 WAL_RESET_PAGES = 16000
+#: Seconds between two background PASSIVE checkpoints. Each ends with an fsync of the
+#: database file, and a big one delays the commits' own WAL fsyncs (the filesystem
+#: flushes both): small and frequent keeps those stalls short. Measured at 5,000 msg/s
+#: on 5,000 conversations with a few hundred messages each: p99 9-11 ms every 50 ms,
+#: 35-54 ms every 200 ms (2% of the commits took 10-50 ms), for ~5% more node CPU.
+CHECKPOINT_INTERVAL = 0.05
 
 # -- jobs and results ----------------------------------------------------------------------
 
@@ -206,7 +212,10 @@ TRANSITION_COLUMNS = frozenset(
 
 class BatchWriter:
     def __init__(
-        self, path: Path, synchronous: str = "FULL", checkpoint_interval: float = 0.2
+        self,
+        path: Path,
+        synchronous: str = "FULL",
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
     ) -> None:
         self.conn = connect(path, synchronous)
         apply_schema(self.conn)
