@@ -715,7 +715,8 @@ class Desk:
         gate = self._opening.setdefault(key, _Gate())
         gate.users += 1
         try:
-            async with gate.lock:  # the same gate as open: one open conversation per group
+            # The same gate and cluster lock as open: one open conversation per group.
+            async with gate.lock, self.routing.exclusive(f"open:{conv.customer_id}:{group.id}"):
                 fresh = await self.conversation_fresh(conv.id)
                 if fresh.successor_id is None:
                     existing = await self.store.search_conversations(
