@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from kefu.cluster import redis_client as rc
 from kefu.model import Agent
 from tests.cluster_helpers import Connect, StartNodes, broker, eventually, sample, send
-from tests.conftest import open_conversation, token
+from tests.conftest import RawClient, open_conversation, token
 from tests.services import RedisServer
 
 
@@ -374,4 +374,44 @@ async def test_a_send_authorised_on_a_stale_hint_is_decided_again(
     texts = [m.body for m in await n0.node.store.messages_after(conv, 0, 100) if m.type == "text"]
     assert len(texts) == 3
     for client in (ag_there, ag_here, other, customer):
+        await client.close()
+
+
+async def assigned_to(agent: RawClient, conv: str) -> None:
+    """Wait for the push that gives ``conv`` to the agent."""
+    while True:
+        frame = await agent.recv_op("conversation")
+        info = frame["conversation"]
+        if info["conv"] == conv and info.get("agent") is not None:
+            return
+
+
+async def test_a_message_into_a_closed_conversation_and_an_open_on_another_node_make_one(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    """The customer's phone (n0) writes into a closed conversation while the laptop (n1)
+    opens a new one: both end up in the same open conversation."""
+    n0, n1 = await start_nodes(2)
+    await n0.node.desk.save_agent(Agent(id="ag", name="Ag", capacity=9, groups=("general",)))
+    agent = await connect_to(n0, "ag", "agent")
+    phone = await connect_to(n0, "cu")
+    laptop = await connect_to(n1, "cu")
+    for round_ in range(4):
+        conv = (await phone.request({"op": "open", "id": f"o{round_}"}))["conversation"]["conv"]
+        await assigned_to(agent, conv)
+        closed = await agent.request({"op": "close", "id": f"c{round_}", "conv": conv})
+        assert closed["conversation"]["state"] == "closed", closed
+        ack, opened = await asyncio.gather(
+            phone.request(send(conv, round_)),
+            laptop.request({"op": "open", "id": f"l{round_}"}),
+        )
+        assert ack["op"] == "ack", ack
+        assert opened["op"] == "conversation", opened
+        assert ack["conv"] == opened["conversation"]["conv"]  # one open conversation
+        await assigned_to(agent, ack["conv"])
+        done = await agent.request(
+            {"op": "close", "id": f"d{round_}", "conv": opened["conversation"]["conv"]}
+        )
+        assert done["conversation"]["state"] == "closed", done
+    for client in (agent, phone, laptop):
         await client.close()
