@@ -85,6 +85,8 @@ class QueuePositions:
         #: conv -> (group, position, backlog, estimate) last pushed
         self._pushed: dict[str, tuple[str, int, bool, float | None]] = {}
         self._pace: dict[str, GroupPace] = {}
+        #: Groups whose positions this node pushed (and remembers in ``_pushed``).
+        self._pushed_groups: set[str] = set()
 
     def changed(self, *groups: str) -> None:
         """These groups' queues changed: push what moved, soon (here, or on the node that
@@ -96,6 +98,9 @@ class QueuePositions:
             else:
                 assigned = self._assigned_at.pop(group, None)
                 self.broker.announce(QUEUE_TOPIC, json.dumps([group, assigned]))
+                if group in self._pushed_groups:  # should it come back here, push afresh
+                    self._pushed_groups.discard(group)
+                    self._forget(group)
 
     def assigned(self, group: str, now: int) -> None:
         """A conversation of the group was assigned at ``now`` (ms): the pace moves. (Off
@@ -116,6 +121,12 @@ class QueuePositions:
         if isinstance(assigned, int):
             self._pace.setdefault(group, GroupPace()).assigned(assigned)
         self.changed(group)
+
+    def _forget(self, group: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Forget what was pushed for the group's conversations (but those in ``keep``)."""
+        gone = [c for c, key in self._pushed.items() if key[0] == group and c not in keep]
+        for conv in gone:
+            del self._pushed[conv]
 
     def stop(self) -> None:
         """End :meth:`run` (even where a library swallowed its task's cancellation)."""
@@ -178,8 +189,7 @@ class QueuePositions:
             pushed += 1
         queued = {e.conv for e in entries}
         self.metrics.queue_length.labels(group=group).set(live)
-        gone = [c for c, key in self._pushed.items() if key[0] == group and c not in queued]
-        for conv in gone:
-            del self._pushed[conv]
+        self._forget(group, keep=queued)
+        self._pushed_groups.add(group)
         self.metrics.queue_position_pushes.inc(pushed)
         return pushed

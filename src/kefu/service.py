@@ -88,7 +88,10 @@ class ChatService:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._retries: set[asyncio.Task[None]] = set()
+        #: (session, conversation) -> the last send being decided again there: the
+        #: session's later sends to that conversation wait for it, so that its messages
+        #: keep the order in which they were sent.
+        self._retries: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # -- authorisation --------------------------------------------------------------------
 
@@ -250,6 +253,10 @@ class ChatService:
         # Counted from here, so that a drain waits for a send whose lookup is in progress.
         self._begin()
         try:
+            if self._retries:  # a send of this session here is being decided again: after it
+                earlier = self._retries.get((session.id, request.conv))
+                if earlier is not None:
+                    await asyncio.wait({earlier})
             found = self.store.conversation_hint(request.conv)
             if found is None:
                 found = await self.store.get_conversation(request.conv)
@@ -258,12 +265,25 @@ class ChatService:
             self._end()
             raise
 
-    async def _resend_fresh(self, session: Session, request: f.Send, received: float) -> None:
+    def _retried(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        if self._retries.get(key) is task:
+            del self._retries[key]
+
+    async def _resend_fresh(
+        self,
+        session: Session,
+        request: f.Send,
+        received: float,
+        after: asyncio.Task[None] | None,
+    ) -> None:
         """The append found the conversation changed since it was authorised (by another
-        node): decide again on a fresh read, once. Counted already (see :meth:`send`)."""
+        node): decide again on a fresh read, once, after the session's earlier retry in
+        that conversation (``after``). Counted already (see :meth:`send`)."""
         principal = session.principal
         assert principal is not None
         try:
+            if after is not None:
+                await asyncio.wait({after})
             found = await self.store.get_conversation(request.conv, fresh=True)
             await self._send_counted(session, request, principal, received, found, retry=False)
         except KefuError as exc:
@@ -306,11 +326,18 @@ class ChatService:
             and principal.role is Role.AGENT
             and request.type == "note"
             and found.agent_id != principal.user_id
-            and await self.desk.can_read(principal, found)
         ):
-            self._refuse_if_draining(request.type)
-            self._note_queued(session, request, principal, received, found, retry=retry)
-            return
+            # A note on a queued conversation of one of the agent's groups: the group
+            # decides, which the append's guard does not check, so read it afresh.
+            found = await self.store.get_conversation(request.conv, fresh=True)
+            if (
+                found is not None
+                and found.agent_id != principal.user_id
+                and await self.desk.can_read(principal, found)
+            ):
+                self._refuse_if_draining(request.type)
+                self._note_queued(session, request, principal, received, found, retry=retry)
+                return
         self._submit(session, request, principal, received, found, retry=retry)
 
     def _refuse_if_draining(self, message_type: str) -> None:
@@ -432,11 +459,16 @@ class ChatService:
                 self.store.forget_hint(conv.id)
                 self.metrics.stale_sends.inc()
                 self._begin()  # the retry's own count; this one ends below
-                task = asyncio.get_running_loop().create_task(
-                    self._resend_fresh(session, request, received)
-                )
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+                key = (session.id, request.conv)
+                try:
+                    task = asyncio.get_running_loop().create_task(
+                        self._resend_fresh(session, request, received, self._retries.get(key))
+                    )
+                except RuntimeError:  # the loop is closing: no retry, no count left behind
+                    self._end()
+                    raise
+                self._retries[key] = task
+                task.add_done_callback(lambda done: self._retried(key, done))
                 return
             if exc is not None:
                 self.metrics.message_result(request.type, "failed").inc()

@@ -415,3 +415,34 @@ async def test_a_message_into_a_closed_conversation_and_an_open_on_another_node_
         assert done["conversation"]["state"] == "closed", done
     for client in (agent, phone, laptop):
         await client.close()
+
+
+async def test_sends_decided_again_keep_the_order_they_were_sent_in(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    """Several sends in a row through a node whose copy of the conversation is stale: each
+    is decided again, and their seqs follow the order they were sent in."""
+    n0, n1 = await start_nodes(2)
+    await n0.node.desk.save_agent(Agent(id="ag", name="Ag", capacity=5, groups=("general",)))
+    agent = await connect_to(n0, "ag", "agent")
+    customer = await connect_to(n1, "cu")
+    conv = (await customer.request({"op": "open", "id": "o"}))["conversation"]["conv"]
+    await assigned_to(agent, conv)
+    for round_ in range(3):
+        assert (await customer.request(send(conv, 100 + round_)))["op"] == "ack"  # n1's hint
+        waiting = await agent.request({"op": "wait", "id": f"w{round_}", "conv": conv})
+        assert waiting["conversation"]["state"] == "waiting", waiting
+        ids = [10 * round_ + k for k in range(5)]
+        for n in ids:
+            await customer.send(send(conv, n))
+        acks: dict[int, dict[str, Any]] = {}
+        while len(acks) < len(ids):
+            frame = await customer.recv()
+            if frame.get("id") in ids:
+                assert frame["op"] == "ack", frame
+                acks[frame["id"]] = frame
+        seqs = [acks[n]["seq"] for n in ids]
+        assert seqs == sorted(seqs), seqs  # sent order is seq order
+    assert sample(n1, "kefu_stale_sends_total") >= 1
+    for client in (agent, customer):
+        await client.close()
