@@ -29,7 +29,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -38,9 +37,10 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, Self
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from kefu.cluster.local import postgres_bindir
@@ -256,45 +256,34 @@ def _close_all() -> None:
 
 
 class RedisReplyError(Exception):
-    """An error reply (``-ERR ...``) from Redis."""
-
-
-def _resp_read(stream: BinaryIO) -> Any:
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RedisReplyError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        if size < 0:
-            return None
-        data = stream.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("connection closed mid-reply")
-        return data[:-2].decode(errors="replace")
-    if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [_resp_read(stream) for _ in range(count)]
-    raise ConnectionError(f"unexpected reply {line!r}")
+    """An error reply from Redis, as ``Kind: message`` (``MovedError: 866 127.0.0.1:7001``)."""
 
 
 def redis_command(port: int, *args: str | int, timeout: float = 5.0) -> Any:
-    """Send one command to the Redis on ``127.0.0.1:port`` (a fresh connection) and return
-    the reply: str, int, None or a list; error replies raise :class:`RedisReplyError`."""
-    parts = [str(arg).encode() for arg in args]
-    request = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with (
-        socket.create_connection((HOST, port), timeout=timeout) as sock,
-        sock.makefile("rb") as stream,
-    ):
-        sock.sendall(request)
-        return _resp_read(stream)
+    """Send one command to the Redis on ``127.0.0.1:port`` (a fresh connection, redis-py's
+    without the client's reply parsing) and return the reply: str, int, None or a list;
+    error replies raise :class:`RedisReplyError`, a socket error its own ``OSError``."""
+    conn = redis.Connection(
+        host=HOST,
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+    )
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    except redis.ResponseError as exc:
+        raise RedisReplyError(f"{type(exc).__name__}: {exc}") from exc
+    except redis.RedisError as exc:  # refused, reset, timed out, still loading
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from exc  # the socket's own error (ConnectionRefusedError, ...)
+        raise ConnectionError(f"redis 127.0.0.1:{port}: {exc}") from exc
+    finally:
+        conn.disconnect()
 
 
 class RedisServer(_Service):

@@ -17,6 +17,7 @@ from kefu.bench.desk import StoreFigures
 from kefu.bench.procfs import parse_meminfo_total, pid_list
 from kefu.bench.stats import Latency, prom_samples, sample_sum, source_addresses
 from kefu.bench.swarm import Plan, Step
+from tests.services import RedisServer
 
 INFO = """# Server\r
 redis_version:7.0.15\r
@@ -71,8 +72,12 @@ def test_cluster_nodes_reply() -> None:
     assert cl.cluster_node_addresses(text) == [("127.0.0.1", 30001), ("127.0.0.1", 30002)]
 
 
-def test_resp_command_encoding() -> None:
-    assert cl._resp_command("INFO", "all") == b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n"
+def test_redis_call_returns_the_raw_text_reply(redis_server: RedisServer) -> None:
+    info = cl.parse_info(cl.redis_call("127.0.0.1", redis_server.port, "INFO", "server"))
+    assert info["redis_version"] and info["run_id"]
+    assert cl.redis_call("127.0.0.1", redis_server.port, "PING") == "PONG"
+    with pytest.raises(ConnectionError, match="unknown command"):
+        cl.redis_call("127.0.0.1", redis_server.port, "NO-SUCH-COMMAND")
 
 
 def test_prometheus_samples_with_labels() -> None:

@@ -35,12 +35,13 @@ import os
 import resource
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import redis
 
 from kefu.bench.desk import StoreFigures
 from kefu.bench.local import rate_settings
@@ -92,48 +93,30 @@ FD_MARGIN = 200
 MIN_AVAILABLE_KB = 2 * 1024 * 1024
 
 
-# -- Redis: INFO over a plain socket ----------------------------------------------------------
-
-
-def _resp_command(*args: str) -> bytes:
-    parts = [a.encode() for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-
-
-def _resp_reply(stream: io.BufferedReader) -> str | int | None:
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise ConnectionError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind in (b"$", b"="):  # a bulk (or RESP3 verbatim) string
-        size = int(rest)
-        if size < 0:
-            return None
-        data = stream.read(size + 2)
-        return data[:-2].decode(errors="replace")
-    raise ConnectionError(f"unexpected reply {line[:40]!r}")
+# -- Redis: one command on a fresh connection ---------------------------------------------
 
 
 def redis_call(
     host: str, port: int, *args: str, password: str | None = None, username: str | None = None
 ) -> str:
-    """One command to the Redis at ``host:port`` on a fresh connection; its text reply."""
-    with (
-        socket.create_connection((host, port), timeout=5.0) as sock,
-        sock.makefile("rb") as stream,
-    ):
-        if password is not None:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            sock.sendall(_resp_command(*auth))
-            _resp_reply(stream)
-        sock.sendall(_resp_command(*args))
-        return str(_resp_reply(stream))
+    """One command to the Redis at ``host:port`` on a fresh connection; its raw text reply
+    (redis-py's connection, without the client's reply parsing: ``INFO`` stays text)."""
+    conn = redis.Connection(  # type: ignore[no-untyped-call]
+        host=host,
+        port=port,
+        username=username,
+        password=password,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        decode_responses=True,
+    )
+    try:
+        conn.send_command(*args)  # type: ignore[no-untyped-call]
+        return str(conn.read_response())
+    except redis.RedisError as exc:
+        raise ConnectionError(f"redis {host}:{port}: {exc}") from exc
+    finally:
+        conn.disconnect()  # type: ignore[no-untyped-call]
 
 
 def parse_info(text: str) -> dict[str, str]:
