@@ -913,6 +913,14 @@ async def test_live_stats_reflect_queue_and_agents(
 
     # No agent online: the customer waits (offered to leave a message).
     _, first = await open_conv(connect, "cu1")
+
+    # The "queued" push comes out just before the routing state takes the entry (a Redis
+    # round trip on shared backends): wait for the stats to show it.
+    async def counted() -> bool:
+        waiting = group(await api.get("/stats/live"))
+        return bool(waiting["queued"] + waiting["left_messages"] == 1)
+
+    await eventually(counted, "the waiting conversation in the live stats")
     stats = await api.get("/stats/live")
     waiting = group(stats)
     assert waiting["queued"] + waiting["left_messages"] == 1
