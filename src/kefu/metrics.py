@@ -1,10 +1,18 @@
-"""Prometheus metrics of one node. The registry is passed in, never a global."""
+"""Prometheus metrics of one node. The registry is passed in, never a global.
+
+Counters and histograms are :mod:`kefu.instruments` types, updated from the node's event
+loop only; the garbage collector's pauses, observed from whichever thread collects, and
+the gauges are prometheus_client's own.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge
+
+from kefu.instruments import Counter, Histogram
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -14,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
 class Children:
-    """Memoised ``metric.labels(...)``: the hot path pays a dict lookup, not a lock."""
+    """Memoised ``metric.labels(...)``: the hot path pays one dict lookup."""
 
     __slots__ = ("_children", "_metric")
 
@@ -136,7 +144,7 @@ class Metrics:
             "Frames refused by the per-connection rate limit.",
             registry=r,
         )
-        self.gc_pauses = Histogram(
+        self.gc_pauses = prometheus_client.Histogram(
             "kefu_gc_pause_seconds",
             "Garbage-collector pauses of the node process, by generation.",
             ["generation"],
