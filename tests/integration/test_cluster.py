@@ -11,7 +11,6 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from kefu.cluster import redis_client as rc
 from kefu.model import Agent
@@ -133,17 +132,21 @@ async def test_nodes_agree_on_the_ring_and_weights_shape_it(
     assert ring.points_of("n2") == 2 * ring.points_of("n0")
 
 
-async def test_subscriber_connection_is_plain_redis_on_the_channels_shard(
+async def test_the_subscription_is_on_the_server_that_carries_the_nodes_channel(
     start_nodes: StartNodes,
 ) -> None:
     (n0,) = await start_nodes(1)
     b = broker(n0)
-    conn = b._subscriber()
+    host, port = b.fast.address(b.channel)
+    direct = rc.standalone(host, port, rc.parse_url(b.url))
     try:
-        assert isinstance(conn, aioredis.Redis)
-        await conn.ping()
+        if b.cluster:  # sharded pub/sub: only the slot's master knows the subscription
+            counts = await direct.execute_command("PUBSUB", "SHARDNUMSUB", b.channel)
+        else:
+            counts = await direct.execute_command("PUBSUB", "NUMSUB", b.channel)
+        assert [rc.text(x) if isinstance(x, bytes) else x for x in counts] == [b.channel, 1]
     finally:
-        await conn.aclose()
+        await direct.aclose()
 
 
 async def test_redis_server_helper_is_used(redis_server: RedisServer) -> None:

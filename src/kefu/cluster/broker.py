@@ -25,16 +25,16 @@ import time
 from collections.abc import Callable, Iterable
 
 import msgspec
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from kefu import tasks
 from kefu.broker import Broker
 from kefu.cluster import redis_client as rc
+from kefu.cluster.fastpath import FastPath
 from kefu.cluster.membership import Membership, new_incarnation
 from kefu.cluster.presence import Presence
+from kefu.cluster.resp import Command, RespConnection
 from kefu.cluster.view import node_of
 from kefu.config import Config
 from kefu.errors import ClusterError
@@ -54,6 +54,9 @@ BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 5.0
 #: How long a starting node keeps trying to reach Redis before it gives up.
 CONNECT_PATIENCE = 30.0
+#: Seconds between PINGs on the subscription's connection (a silent server is dropped).
+HEALTH_CHECK = 5.0
+_SETTINGS_CHANNEL = rc.SETTINGS_CHANNEL.encode()
 
 RESYNC_NOTICE = msgspec.json.encode(
     f.Notice(code="resync", text="pushes may have been missed: sync every conversation")
@@ -120,6 +123,7 @@ class RedisBroker(Broker):
         self._client: rc.RedisClient | None = None
         self._membership: Membership | None = None
         self._presence: Presence | None = None
+        self._fast: FastPath | None = None
         self._outbox: list[_Outgoing] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -143,6 +147,11 @@ class RedisBroker(Broker):
     def membership(self) -> Membership:
         assert self._membership is not None, "the broker is not started"
         return self._membership
+
+    @property
+    def fast(self) -> FastPath:
+        assert self._fast is not None, "the broker is not started"
+        return self._fast
 
     @property
     def presence(self) -> Presence:
@@ -180,8 +189,13 @@ class RedisBroker(Broker):
             connections=lambda: len(self.hub),
             incarnation=self.incarnation,
         )
+        self._fast = FastPath(self._client, rc.parse_url(self.url))
         self._presence = Presence(
-            self._client, self._membership.incarnation, self.hub, metrics=self.metrics
+            self._client,
+            self._membership.incarnation,
+            self.hub,
+            metrics=self.metrics,
+            fast=self._fast,
         )
         self._membership.purgers.append(self._presence.purge)
         self._membership.restart_listeners.append(self._redis_restarted)
@@ -203,6 +217,8 @@ class RedisBroker(Broker):
             await self._presence.close()
         if self._membership is not None:
             await self._membership.close()
+        if self._fast is not None:
+            await self._fast.close()
         if self._client is not None:
             with contextlib.suppress(*rc.REDIS_ERRORS):
                 await self._client.aclose()
@@ -352,21 +368,19 @@ class RedisBroker(Broker):
                 )
         if not per_node and not inbox:
             return
-        pipe = self.client.pipeline(transaction=False)
+        publish = "SPUBLISH" if self.cluster else "PUBLISH"
+        commands: list[tuple[str, Command]] = []
         for node, envelopes in per_node.items():
-            payload = _encode(envelopes)
-            if self.cluster:
-                pipe.spublish(rc.node_channel(node), payload)
-            else:
-                pipe.publish(rc.node_channel(node), payload)
+            channel = rc.node_channel(node)
+            commands.append((channel, (publish, channel, _encode(envelopes))))
         for user, data in inbox:
             key = rc.inbox(user)
-            pipe.rpush(key, data)
-            pipe.ltrim(key, -INBOX_LIMIT, -1)
-            pipe.pexpire(key, INBOX_TTL_MS)
+            commands.append((key, ("RPUSH", key, data)))
+            commands.append((key, ("LTRIM", key, -INBOX_LIMIT, -1)))
+            commands.append((key, ("PEXPIRE", key, INBOX_TTL_MS)))
         self.metrics.cluster_commands.labels(kind="publish").inc(len(per_node))
         self.metrics.cluster_commands.labels(kind="inbox").inc(3 * len(inbox))
-        await pipe.execute()
+        await self.fast.run(commands)
         self.metrics.cluster_publishes.inc(len(per_node))
         self.metrics.cluster_deliveries.labels(path="remote").inc(
             sum(len(e) for e in per_node.values())
@@ -376,52 +390,31 @@ class RedisBroker(Broker):
 
     # -- receiving ------------------------------------------------------------------------
 
-    def _subscriber(self) -> Redis:
-        """A plain connection to the server that carries this node's channel."""
-        target = rc.parse_url(self.url)
-        if isinstance(self.client, RedisCluster):
-            node = self.client.get_node_from_key(self.channel)
-            if node is None:
-                raise RedisConnectionError(f"no Redis Cluster node serves {self.channel}")
-            host, port = str(node.host), int(node.port)
-        else:
-            host, port = target.seeds[0]
-        return rc.standalone(host, port, target, health_check_interval=5)
+    async def _subscribe(self) -> RespConnection:
+        """A connection subscribed to this node's channel, on the server that carries it
+        (the master of its slot on a Redis Cluster), and to the announcements."""
+        fast = self.fast
+        node_channel = ("SSUBSCRIBE" if self.cluster else "SUBSCRIBE", self.channel)
+        # Plain PUBLISH reaches every node of a Redis Cluster: any shard will do.
+        settings = ("SUBSCRIBE", rc.SETTINGS_CHANNEL)
+        return await fast.subscribe(
+            fast.address(self.channel), [node_channel, settings], 2, self._on_message
+        )
 
     async def _subscribe_loop(self) -> None:
         backoff = BACKOFF_INITIAL
         first = True
         while not self._closing:
-            conn: Redis | None = None
-            pubsub: PubSub | None = None
+            conn: RespConnection | None = None
             try:
-                conn = self._subscriber()
-                pubsub = conn.pubsub()
-                if self.cluster:
-                    await pubsub.ssubscribe(self.channel)
-                else:
-                    await pubsub.subscribe(self.channel)
-                # Plain PUBLISH reaches every node of a Redis Cluster: any shard will do.
-                await pubsub.subscribe(rc.SETTINGS_CHANNEL)
+                conn = await self._subscribe()
                 if not first or self.presence.dirty:
                     await self._rewrite_presence()
                 first = False
                 self._subscribed.set()
                 self.metrics.cluster_redis_up.set(1)
                 backoff = BACKOFF_INITIAL
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=1.0)
-                    kind = rc.text(message["type"]) if message is not None else ""
-                    if message is not None and kind in ("message", "smessage"):
-                        if rc.text(message["channel"]) == rc.SETTINGS_CHANNEL:
-                            self._announced(message["data"])
-                        else:
-                            self._received(message["data"])
-                    # busy or not: a missing presence loses pushes
-                    if self._resync_clients:
-                        await self._rewrite_presence()
-                    elif self.presence.dirty:
-                        await self.presence.resync()
+                await self._while_subscribed(conn)
             except rc.REDIS_ERRORS as exc:
                 tasks.stop_if_cancelled()
                 self.metrics.cluster_redis_up.set(0)
@@ -438,14 +431,40 @@ class RedisBroker(Broker):
                 self.metrics.cluster_errors.labels(operation="subscribe").inc()
                 log.exception("delivery subscription failed: resubscribing")
             finally:
-                if pubsub is not None:
-                    with contextlib.suppress(*rc.REDIS_ERRORS):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
                 if conn is not None:
-                    with contextlib.suppress(*rc.REDIS_ERRORS):
-                        await conn.aclose()
+                    conn.close()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _while_subscribed(self, conn: RespConnection) -> None:
+        """Messages arrive by themselves (:meth:`_on_message`); meanwhile check the
+        connection every ``HEALTH_CHECK`` seconds and keep presence written. Raises when
+        the connection is lost."""
+        checked = time.monotonic()
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.wait_closed(), 1.0)
+            if conn.is_closed:
+                raise RedisConnectionError("the delivery subscription's connection closed")
+            if time.monotonic() - checked >= HEALTH_CHECK:
+                await conn.call("PING")  # a silent server fails it within the timeout
+                checked = time.monotonic()
+            # busy or not: a missing presence loses pushes
+            if self._resync_clients:
+                await self._rewrite_presence()
+            elif self.presence.dirty:
+                await self.presence.resync()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        """A message on a subscribed channel, as soon as it is read."""
+        try:
+            if channel == _SETTINGS_CHANNEL:
+                self._announced(data)
+            else:
+                self._received(data)
+        except Exception:  # a bug costs this message's pushes (clients sync), not delivery
+            self.metrics.cluster_errors.labels(operation="subscribe").inc()
+            log.exception("a delivery from %s failed", channel)
 
     def _received(self, payload: bytes) -> None:
         try:

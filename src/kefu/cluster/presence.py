@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from kefu import tasks
 from kefu.cluster import redis_client as rc
+from kefu.cluster.fastpath import FastPath
 from kefu.hub import Hub
 from kefu.metrics import Metrics
 
@@ -30,9 +31,17 @@ WRITE_BATCH = 500
 
 class Presence:
     def __init__(
-        self, client: rc.RedisClient, incarnation: str, hub: Hub, *, metrics: Metrics
+        self,
+        client: rc.RedisClient,
+        incarnation: str,
+        hub: Hub,
+        *,
+        metrics: Metrics,
+        fast: FastPath,
     ) -> None:
         self.client = client
+        #: Lookups (the delivery path) go through this; writes through ``client``.
+        self.fast = fast
         self.incarnation = incarnation
         self.hub = hub
         self.metrics = metrics
@@ -98,13 +107,11 @@ class Presence:
     async def lookup(self, user_ids: Iterable[str]) -> dict[str, list[str]]:
         """The incarnations holding each user's connections (possibly dead ones)."""
         users = list(user_ids)
-        pipe = self.client.pipeline(transaction=False)
-        for user in users:
-            pipe.hvals(rc.presence(user))
+        keys = [rc.presence(user) for user in users]
         self.metrics.cluster_commands.labels(kind="lookup").inc(len(users))
-        found = await pipe.execute()
+        found = await self.fast.run([(key, ("HVALS", key)) for key in keys])
         return {
-            user: [rc.text(v) for v in values] for user, values in zip(users, found, strict=True)
+            user: [v.decode() for v in values] for user, values in zip(users, found, strict=True)
         }
 
     async def purge(self, member: str) -> None:
