@@ -115,6 +115,8 @@ class ClusterSettings:
     pg_pool_min: int = 2
     pg_pool_max: int = 10
     pg_writers: int = 1
+    #: A busy writer waits this long for more writes to share a commit (0: never waits).
+    pg_commit_delay: float = 0.002
     #: A PostgreSQL statement unanswered this long fails (retryably).
     pg_command_timeout: float = 5.0
     #: The URL other nodes, ``kefu route`` and the admin API give for this node. Empty:
@@ -278,6 +280,10 @@ def _validate(cfg: Config) -> None:
             "need 1 <= pg_pool_min <= pg_pool_max",
         ),
         (cfg.cluster.pg_command_timeout > 0, "pg_command_timeout must be positive"),
+        (
+            0 <= cfg.cluster.pg_commit_delay <= 0.1,
+            "pg_commit_delay must be between 0 and 0.1 seconds",
+        ),
         (
             1 <= cfg.cluster.pg_writers < cfg.cluster.pg_pool_max,
             "need 1 <= pg_writers < pg_pool_max (reads need a connection too)",

@@ -90,6 +90,33 @@ async def test_group_commit_batches_concurrent_appends(
     assert batches < 100, f"{batches} transactions for 500 concurrent appends: not batched"
 
 
+async def test_a_busy_postgres_writer_waits_its_commit_delay_for_more_writes(
+    postgres_url: str,
+) -> None:
+    metrics = Metrics()
+    store = PostgresStore(postgres_url, metrics=metrics, commit_delay=0.3)
+    await store.start()
+
+    def batches() -> float:
+        return metrics.registry.get_sample_value("kefu_store_batch_size_count") or 0
+
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await store.append(msg(conv, 0))  # idle (the last batch was one write): at once
+        assert loop.time() - started < 0.3
+        await asyncio.gather(store.submit(msg(conv, 1)), store.submit(msg(conv, 2)))
+        before = batches()  # busy now: the next write waits for company
+        first = store.submit(msg(conv, 3))
+        await asyncio.sleep(0.05)
+        second = store.submit(msg(conv, 4))
+        assert [m.seq for m in await asyncio.gather(first, second)] == [4, 5]
+        assert batches() == before + 1
+    finally:
+        await store.close()
+
+
 async def test_resend_is_idempotent_even_in_one_batch(store: MessageStore) -> None:
     conv = (await store.create_conversation(customer_id="c")).id
     first, again, other = await asyncio.gather(

@@ -21,6 +21,7 @@ def create_store(config: Config, metrics: Metrics) -> MessageStore:
             pool_max=config.cluster.pg_pool_max,
             command_timeout=config.cluster.pg_command_timeout,
             writers=config.cluster.pg_writers,
+            commit_delay=config.cluster.pg_commit_delay,
         )
     from kefu.store.sqlite import SQLiteStore
 

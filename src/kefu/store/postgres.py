@@ -9,6 +9,12 @@ never repeat or skip, and nothing outside PostgreSQL (a restarted or flushed Red
 make them rewind. The primary key ``(conversation_id, seq)`` and the idempotency index
 ``(conversation_id, sender_id, client_msg_id)`` guard both promises in the database.
 
+A busy writer (its last batch held more than one write) that finds fewer than ``GATHER``
+writes queued waits ``commit_delay`` (``pg_commit_delay``, 2 ms) before it takes them:
+every commit costs PostgreSQL a few hundred µs of CPU whatever its size, and on a loaded
+machine the CPU so saved shortens every other wait. An idle node commits a lone write at
+once.
+
 One node keeps the order of its own submissions (the call fixes the order, as the
 interface says) because a single task runs its transactions one after another. A batch
 that loses a race with another node (a deadlock, or a resend committed there first) is run
@@ -72,6 +78,8 @@ OVERLOAD_RETRY_AFTER = 0.5
 RACE_RETRIES = 5
 #: A write queued this long without an answer makes the store unready.
 STALL_SECONDS = 10.0
+#: With this many writes queued a busy writer commits at once, without the commit delay.
+GATHER = 64
 
 #: Errors that mean "PostgreSQL is unreachable or the connection broke": the outcome of a
 #: transaction in flight is unknown, and the write is retryable.
@@ -175,6 +183,8 @@ class _Lane:
     number: int
     queue: list[_Queued] = dataclasses.field(default_factory=list)
     inflight: list[_Queued] = dataclasses.field(default_factory=list)
+    #: The last batch held more than one write (the commit delay applies).
+    busy: bool = False
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -209,8 +219,10 @@ class PostgresStore(MessageStore):
         pool_max: int = 10,
         command_timeout: float = 5.0,
         writers: int = 1,
+        commit_delay: float = 0.002,
     ) -> None:
         self.url = url
+        self.commit_delay = commit_delay
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -307,9 +319,12 @@ class PostgresStore(MessageStore):
                 lane.wake.clear()
                 await lane.wake.wait()
                 continue
+            if lane.busy and self.commit_delay > 0 and len(lane.queue) < GATHER:
+                await asyncio.sleep(self.commit_delay)  # more writes share the commit
             batch = lane.queue[: self.max_batch]
             del lane.queue[: self.max_batch]
             lane.inflight = batch
+            lane.busy = len(batch) > 1
             started = time.perf_counter()
             try:
                 results = await self._run_batch([q.job for q in batch])
