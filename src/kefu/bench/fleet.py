@@ -7,6 +7,9 @@ still waiting for its ack (sender side) and its push (recipient side).
 
 In ``echo`` mode the sockets talk to :mod:`kefu.bench.echo` instead: there is no hello and
 no conversation, and the echoed frame counts as both the ack and the delivery.
+
+Sockets are :class:`kefu.bench.wsclient.WsClient` (a frame costs a callback, not a task
+wake-up); a run that offers permessage-deflate uses aiohttp's client instead.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -26,6 +29,7 @@ import msgspec
 
 from kefu.auth import issue_token
 from kefu.bench import commands as c
+from kefu.bench.wsclient import WsClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +44,77 @@ RECONNECT_TRIES = 3
 RECONNECT_BACKOFF = 0.25
 
 WebSocket = aiohttp.ClientWebSocketResponse[bool]
+#: What a failed socket operation raises.
+SOCKET_ERRORS = (aiohttp.ClientError, OSError, RuntimeError, TimeoutError)
+
+
+class Socket(Protocol):
+    """What the fleet needs of a client WebSocket."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    def send(self, data: bytes) -> None:
+        """Queue one text frame; ConnectionError once closed."""
+
+    def close(self) -> None: ...
+
+
+class AiohttpSocket:
+    """aiohttp's client WebSocket as a :class:`Socket` (for permessage-deflate runs)."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        on_message: Callable[[bytes], None],
+        on_close: Callable[[AiohttpSocket], None],
+    ) -> None:
+        self.ws = ws
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn(self._read(on_message, on_close))
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    def send(self, data: bytes) -> None:
+        if self.ws.closed:
+            raise ConnectionResetError("the WebSocket is closed")
+        self._spawn(self.ws.send_frame(data, TEXT))  # tasks start, and write, in order
+
+    def close(self) -> None:
+        self._spawn(self.ws.close())
+
+    def _spawn(self, work: Awaitable[object]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(*SOCKET_ERRORS):
+                await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(
+        self, on_message: Callable[[bytes], None], on_close: Callable[[AiohttpSocket], None]
+    ) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg.type is TEXT or msg.type is BINARY:
+                    data = msg.data
+                    on_message(data.encode() if isinstance(data, str) else data)
+                else:
+                    break
+        except SOCKET_ERRORS:
+            pass
+        on_close(self)
 
 
 class _Conversation(msgspec.Struct):
@@ -62,13 +137,12 @@ _decode = msgspec.json.Decoder(_Frame).decode
 class Client:
     """One socket of the fleet."""
 
-    __slots__ = ("conv", "endpoint", "hello", "opened", "pong", "reader", "tries", "ws")
+    __slots__ = ("conv", "endpoint", "hello", "opened", "pong", "sock", "tries")
 
     def __init__(self, endpoint: c.Endpoint) -> None:
         self.endpoint = endpoint
-        self.ws: WebSocket | None = None
+        self.sock: Socket | None = None
         self.conv = ""
-        self.reader: asyncio.Task[None] | None = None
         self.hello: asyncio.Future[None] | None = None
         self.pong: asyncio.Future[None] | None = None
         self.opened: asyncio.Future[str] | None = None
@@ -76,7 +150,7 @@ class Client:
 
     @property
     def up(self) -> bool:
-        return self.ws is not None and not self.ws.closed
+        return self.sock is not None and not self.sock.closed
 
 
 class Fleet:
@@ -118,27 +192,44 @@ class Fleet:
     async def _open_socket(self, client: Client, timeout: float) -> None:
         ep = client.endpoint
         loop = asyncio.get_running_loop()
-        ws = await self._session(ep.source).ws_connect(
-            self._url(ep),
-            compress=self.spec.compress,
-            autoping=True,
-            decode_text=False,
-            max_msg_size=1 << 20,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
-        )
-        client.ws = ws
         client.hello = loop.create_future()
-        client.reader = loop.create_task(self._read(client, ws))
         if self.echo:
             client.hello.set_result(None)
+
+        def on_message(data: bytes) -> None:
+            self._on_frame(client, data)
+
+        def on_close(sock: Socket) -> None:
+            self._closed(client, sock)
+
+        sock: Socket
+        if self.spec.compress:
+            ws = await self._session(ep.source).ws_connect(
+                self._url(ep),
+                compress=self.spec.compress,
+                autoping=True,
+                decode_text=False,
+                max_msg_size=1 << 20,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+            )
+            sock = AiohttpSocket(ws, on_message, on_close)
+        else:
+            sock = await WsClient.connect(
+                self._url(ep),
+                on_message=on_message,
+                on_close=on_close,
+                local_addr=(ep.source, 0),
+                timeout=timeout,
+            )
+        client.sock = sock
         await asyncio.wait_for(asyncio.shield(client.hello), timeout)
 
     async def _ping(self, client: Client, timeout: float) -> float:
         """One request/reply round trip (a kefu ping, or an echoed frame)."""
-        assert client.ws is not None
+        assert client.sock is not None
         client.pong = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        await client.ws.send_frame(b'{"op":"ping","id":"p"}', TEXT)
+        client.sock.send(b'{"op":"ping","id":"p"}')
         await asyncio.wait_for(asyncio.shield(client.pong), timeout)
         return time.perf_counter() - started
 
@@ -152,9 +243,9 @@ class Fleet:
                 try:
                     await self._open_socket(client, per_socket)
                     return await self._ping(client, per_socket)
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                except SOCKET_ERRORS as exc:
                     self.errors[f"connect:{type(exc).__name__}"] += 1
-                    await self._drop(client)
+                    self._drop(client)
                     return None
 
         nothing: list[float | None] = []
@@ -170,27 +261,17 @@ class Fleet:
             rtt=rtt,
         )
 
-    async def _drop(self, client: Client) -> None:
-        ws, client.ws = client.ws, None
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2.0)
+    def _drop(self, client: Client) -> None:
+        sock, client.sock = client.sock, None
+        if sock is not None:
+            sock.close()
 
-    async def _read(self, client: Client, ws: WebSocket) -> None:
-        on_frame = self._on_frame
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is TEXT or msg.type is BINARY:
-                    on_frame(client, msg.data)
-                else:
-                    break
-        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
-            self.errors[f"read:{type(exc).__name__}"] += 1
-        if self.stopping or client.ws is not ws:
+    def _closed(self, client: Client, sock: Socket) -> None:
+        """A socket closed: unless the fleet closed it, count it and bring it back."""
+        if self.stopping or client.sock is not sock:
             return
-        self.errors[f"closed:{ws.close_code}"] += 1
-        client.ws = None
+        self.errors[f"closed:{sock.close_code}"] += 1
+        client.sock = None
         asyncio.get_running_loop().create_task(self._reconnect(client))
 
     async def _reconnect(self, client: Client) -> None:
@@ -202,11 +283,11 @@ class Fleet:
             try:
                 await self._open_socket(client, 10.0)
                 return
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except SOCKET_ERRORS as exc:
                 self.errors[f"reconnect:{type(exc).__name__}"] += 1
-                await self._drop(client)
+                self._drop(client)
 
-    def _on_frame(self, client: Client, data: bytes | str) -> None:
+    def _on_frame(self, client: Client, data: bytes) -> None:
         try:
             frame = _decode(data)
         except msgspec.DecodeError:
@@ -266,7 +347,7 @@ class Fleet:
         gate = asyncio.Semaphore(self.spec.connect_concurrency)
 
         async def one(agent: Client, customer: Client) -> bool:
-            if agent.ws is None or not customer.up:
+            if agent.sock is None or not customer.up:
                 self.errors["open:not_connected"] += 1
                 return False
             async with gate:
@@ -275,9 +356,9 @@ class Fleet:
                     {"op": "open", "id": "o", "customer_id": customer.endpoint.user}
                 )
                 try:
-                    await agent.ws.send_frame(frame, TEXT)
+                    agent.sock.send(frame)
                     conv = await asyncio.wait_for(asyncio.shield(agent.opened), 30.0)
-                except (aiohttp.ClientError, OSError, RuntimeError, TimeoutError) as exc:
+                except SOCKET_ERRORS as exc:
                     self.errors[f"open:{type(exc).__name__}"] += 1
                     return False
                 agent.conv = customer.conv = conv
@@ -365,8 +446,8 @@ class Fleet:
             while k < due:
                 client = senders[k % count]
                 k += 1
-                ws = client.ws
-                if ws is None or ws.closed:
+                sock = client.sock
+                if sock is None or sock.closed:
                     self.errors["send:not_connected"] += 1
                     continue
                 cmid, frame = self._frame(client)
@@ -374,8 +455,8 @@ class Fleet:
                 pending_ack[cmid] = now
                 pending_push[cmid] = now
                 try:
-                    await ws.send_frame(frame, TEXT)
-                except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+                    sock.send(frame)
+                except SOCKET_ERRORS as exc:
                     self.errors[f"send:{type(exc).__name__}"] += 1
                     pending_ack.pop(cmid, None)
                     pending_push.pop(cmid, None)
@@ -388,14 +469,10 @@ class Fleet:
 
     async def close(self, cmd: c.Close) -> c.Closed:
         self.stopping = True
-        up = [cl for cl in self.clients if cl.ws is not None]
-
-        async def one(client: Client) -> None:
-            await self._drop(client)
-            if client.reader is not None:
-                client.reader.cancel()
-
-        await _bounded(asyncio.gather(*(one(cl) for cl in up)), cmd.timeout, [None])
+        up = [cl for cl in self.clients if cl.sock is not None]
+        for client in up:
+            self._drop(client)
+        await asyncio.sleep(0.1)  # let the close frames go out
         for session in self.sessions.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(session.close(), 5.0)
