@@ -48,6 +48,10 @@ class _Labelled(Generic[V]):
         registry.register(self)
 
     def labels(self, *values: str, **named: str) -> V:
+        if not named:  # the common case: values given in order, seen before
+            child = self._children.get(values)
+            if child is not None:
+                return child
         key = self._values(values, named)
         child = self._children.get(key)
         if child is None:

@@ -318,7 +318,7 @@ class RedisBroker(Broker):
         users = list(user_ids)
         pushed = self.hub.push(users, data, ephemeral=ephemeral, received=received, exclude=exclude)
         if pushed:
-            self.metrics.cluster_deliveries.labels(path="local").inc(pushed)
+            self.metrics.cluster_deliveries.labels("local").inc(pushed)
         if len(self.membership.members) == 1:  # this node alone: every connection is here
             if not offline:
                 return
@@ -378,15 +378,13 @@ class RedisBroker(Broker):
             commands.append((key, ("RPUSH", key, data)))
             commands.append((key, ("LTRIM", key, -INBOX_LIMIT, -1)))
             commands.append((key, ("PEXPIRE", key, INBOX_TTL_MS)))
-        self.metrics.cluster_commands.labels(kind="publish").inc(len(per_node))
-        self.metrics.cluster_commands.labels(kind="inbox").inc(3 * len(inbox))
+        self.metrics.cluster_commands.labels("publish").inc(len(per_node))
+        self.metrics.cluster_commands.labels("inbox").inc(3 * len(inbox))
         await self.fast.run(commands)
         self.metrics.cluster_publishes.inc(len(per_node))
-        self.metrics.cluster_deliveries.labels(path="remote").inc(
-            sum(len(e) for e in per_node.values())
-        )
+        self.metrics.cluster_deliveries.labels("remote").inc(sum(len(e) for e in per_node.values()))
         if inbox:
-            self.metrics.cluster_deliveries.labels(path="inbox").inc(len(inbox))
+            self.metrics.cluster_deliveries.labels("inbox").inc(len(inbox))
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -476,4 +474,4 @@ class RedisBroker(Broker):
         for env in envelopes:
             received = now - max(0.0, now_wall - env.received) if env.received else 0.0
             pushed = self.hub.push(env.users, env.data, ephemeral=env.ephemeral, received=received)
-            self.metrics.cluster_deliveries.labels(path="received").inc(pushed)
+            self.metrics.cluster_deliveries.labels("received").inc(pushed)

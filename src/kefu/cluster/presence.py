@@ -101,14 +101,14 @@ class Presence:
                 pipe.hdel(rc.presence(user), conn)
                 if not self.hub.count(user):
                     pipe.srem(users, user)
-        self.metrics.cluster_commands.labels(kind="presence").inc(len(pipe))
+        self.metrics.cluster_commands.labels("presence").inc(len(pipe))
         await pipe.execute()
 
     async def lookup(self, user_ids: Iterable[str]) -> dict[str, list[str]]:
         """The incarnations holding each user's connections (possibly dead ones)."""
         users = list(user_ids)
         keys = [rc.presence(user) for user in users]
-        self.metrics.cluster_commands.labels(kind="lookup").inc(len(users))
+        self.metrics.cluster_commands.labels("lookup").inc(len(users))
         found = await self.fast.run([(key, ("HVALS", key)) for key in keys])
         return {
             user: [v.decode() for v in values] for user, values in zip(users, found, strict=True)
