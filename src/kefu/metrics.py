@@ -124,6 +124,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.store_requeued = Counter(
+            "kefu_store_requeued",
+            "Writes run again in the next batch because another node's transaction held "
+            "their conversation.",
+            registry=r,
+        )
         self.store_overloaded = Counter(
             "kefu_store_overloaded",
             "Writes refused with 'overloaded' because too many were queued.",

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from kefu.errors import NotFound, StaleConversation, StoreClosed
@@ -114,6 +115,63 @@ async def test_a_busy_postgres_writer_waits_its_commit_delay_for_more_writes(
         assert [m.seq for m in await asyncio.gather(first, second)] == [4, 5]
         assert batches() == before + 1
     finally:
+        await store.close()
+
+
+async def test_postgres_writes_skip_a_conversation_another_transaction_holds(
+    postgres_url: str,
+) -> None:
+    """Another node's transaction holds conversation A: writes to B commit at once, A's
+    wait (re-queued, then waiting for the lock) and keep their order; nothing is lost."""
+    metrics = Metrics()
+    store = PostgresStore(postgres_url, metrics=metrics, commit_delay=0.0)
+    await store.start()
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        a = (await store.create_conversation(customer_id="ca")).id
+        b = (await store.create_conversation(customer_id="cb")).id
+        await store.append(msg(a, 0))
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", a)
+        for_a = [store.submit(msg(a, n)) for n in range(1, 4)]
+        for_b = [store.submit(msg(b, n)) for n in range(1, 4)]
+        assert [m.seq for m in await asyncio.wait_for(asyncio.gather(*for_b), 5)] == [1, 2, 3]
+        assert not any(f.done() for f in for_a)
+        await asyncio.sleep(0.3)  # the writes to A have gone to a batch that waits
+        assert not any(f.done() for f in for_a)
+        await held.commit()
+        assert [m.seq for m in await asyncio.gather(*for_a)] == [2, 3, 4]
+        assert metrics.registry.get_sample_value("kefu_store_requeued_total") >= 3
+        stored = await store.messages_after(a, 0, 10)
+        assert [m.client_msg_id for m in stored] == [f"cust-{n}" for n in range(4)]
+    finally:
+        await holder.close()
+        await store.close()
+
+
+async def test_schema_2s_kefu_append_still_stores(postgres_url: str) -> None:
+    """Nodes of schema 2 call the 11-argument kefu_append during a rolling upgrade."""
+    store = PostgresStore(postgres_url, metrics=Metrics())
+    await store.start()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        conv = (await store.create_conversation(customer_id="c")).id
+        await store.append(msg(conv, 1))
+        rows = await conn.fetch(
+            "SELECT * FROM kefu_append($1::text[], $2::text[], $3::text[], $4::text[], "
+            "$5::text[], $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[], $11)",
+            [conv, conv, "nope"], ["cust"] * 3, ["customer"] * 3, ["cust-1", "x", "y"],
+            ["text"] * 3, [b"{}"] * 3, ["all"] * 3, [None] * 3, [None] * 3,
+            ["m1", "m2", "m3"], 5,
+        )  # fmt: skip
+        assert [(r["outcome"], r["seq"]) for r in rows] == [
+            ("duplicate", 1),
+            ("stored", 2),
+            ("not_found", None),
+        ]
+    finally:
+        await conn.close()
         await store.close()
 
 

@@ -41,11 +41,12 @@ _pack: Callable[[Command], bytes] = hiredis.pack_command  # type: ignore[assignm
 
 
 class _Request:
-    __slots__ = ("future", "replies", "wanted")
+    __slots__ = ("deadline", "future", "replies", "wanted")
 
-    def __init__(self, future: asyncio.Future[list[Any]], wanted: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Any]], wanted: int, deadline: float) -> None:
         self.future = future
         self.wanted = wanted
+        self.deadline = deadline
         self.replies: list[Any] = []
 
 
@@ -61,6 +62,9 @@ class RespConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: Exception | None = None
+        #: Checks the oldest request's deadline while any is pending (one timer, not one
+        #: per request).
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
     async def open(
@@ -163,10 +167,10 @@ class RespConnection(asyncio.Protocol):
             future.set_exception(self._error or RedisConnectionError("Redis connection closed"))
             return future
         transport.write(b"".join([_pack(c) for c in commands]))
-        request = _Request(future, replies or len(commands))
-        self._pending.append(request)
-        timer = self._loop.call_later(self.timeout, self._timed_out, request)
-        future.add_done_callback(lambda _: timer.cancel())
+        deadline = self._loop.time() + self.timeout
+        self._pending.append(_Request(future, replies or len(commands), deadline))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
         return future
 
     async def call(self, *command: Arg) -> Any:
@@ -180,14 +184,23 @@ class RespConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _timed_out(self, request: _Request) -> None:
-        if not request.future.done():
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        oldest = self._pending[0].deadline
+        if self._loop.time() >= oldest:
             self._fail(RedisTimeoutError(f"no reply from Redis within {self.timeout:g}s"))
+        else:
+            self._watchdog = self._loop.call_at(oldest, self._check_deadline)
 
     def _fail(self, exc: Exception) -> None:
         """Fail every pending request with ``exc`` and drop the connection."""
         if self._error is None:
             self._error = exc
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self._pending:
             request = self._pending.popleft()
             if not request.future.done():

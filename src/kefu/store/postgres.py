@@ -80,6 +80,9 @@ RACE_RETRIES = 5
 STALL_SECONDS = 10.0
 #: With this many writes queued a busy writer commits at once, without the commit delay.
 GATHER = 64
+#: Batches a write may find its conversation locked by another node's transaction before
+#: it goes in a batch that waits for the lock.
+LOCKED_TRIES = 3
 
 #: Errors that mean "PostgreSQL is unreachable or the connection broke": the outcome of a
 #: transaction in flight is unknown, and the write is retryable.
@@ -116,8 +119,11 @@ _SEARCH_TEXT = (
 
 _APPEND = (
     "SELECT * FROM kefu_append($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
-    "$6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint)"
+    "$6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint, $12::boolean)"
 )
+#: The result of a job whose conversation another writer's transaction held (schema 3's
+#: ``j_skip_locked``): nothing stored, no seq used; the writer runs it again.
+LOCKED = w.Failed(code="locked", message="the conversation is locked by another writer")
 
 
 def _append_result(job: w.Append, row: asyncpg.Record) -> w.Stored | w.Failed:
@@ -137,6 +143,8 @@ def _append_result(job: w.Append, row: asyncpg.Record) -> w.Stored | w.Failed:
             duplicate=outcome == "duplicate",
             visibility=row["visibility"],
         )
+    if outcome == "locked":
+        return LOCKED
     if outcome == "stale":
         return w.Failed(
             code="stale",
@@ -173,6 +181,8 @@ class _Queued:
     job: w.Job
     future: asyncio.Future[w.Result]
     queued_at: float
+    #: Batches that found its conversation locked by another writer.
+    locked: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -185,6 +195,8 @@ class _Lane:
     inflight: list[_Queued] = dataclasses.field(default_factory=list)
     #: The last batch held more than one write (the commit delay applies).
     busy: bool = False
+    #: The pool connection this writer keeps between batches (taken again when broken).
+    conn: Conn | None = None
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -277,6 +289,7 @@ class PostgresStore(MessageStore):
         for lane in self._lanes:
             if lane.task is not None:
                 await lane.task  # finishes what was queued (it stops once the queue is empty)
+            await self._drop_writer_connection(lane, broken=False)
         if self._pool is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await asyncio.wait_for(self._pool.close(), self.command_timeout)
@@ -325,9 +338,11 @@ class PostgresStore(MessageStore):
             del lane.queue[: self.max_batch]
             lane.inflight = batch
             lane.busy = len(batch) > 1
+            # Skip conversations other nodes hold, unless a write has waited long enough.
+            skip_locked = all(q.locked < LOCKED_TRIES for q in batch)
             started = time.perf_counter()
             try:
-                results = await self._run_batch([q.job for q in batch])
+                results = await self._run_batch(lane, [q.job for q in batch], skip_locked)
             except Exception as exc:  # pragma: no cover - a bug must not stop the writer
                 log.exception("write batch failed")
                 results = [w.Failed(code="store_unavailable", message=str(exc))] * len(batch)
@@ -335,23 +350,55 @@ class PostgresStore(MessageStore):
                 lane.inflight = []
             self.metrics.store_batch_size.observe(len(batch))
             self.metrics.store_commit_seconds.observe(time.perf_counter() - started)
+            again: list[_Queued] = []
             for queued, result in zip(batch, results, strict=True):
+                if result is LOCKED:
+                    queued.locked += 1
+                    again.append(queued)
+                    continue
                 if isinstance(result, w.Failed):
                     self.metrics.store_errors.labels(operation="write").inc()
                 if not queued.future.done():
                     queued.future.set_result(result)
+            if again:  # first in the queue again, in their order: a conversation keeps its own
+                self.metrics.store_requeued.inc(len(again))
+                lane.queue[:0] = again
+                if len(again) == len(batch) and self.commit_delay > 0:
+                    await asyncio.sleep(self.commit_delay)  # no progress: let the holder commit
 
-    async def _run_batch(self, jobs: list[w.Job]) -> list[w.Result]:
-        assert self._pool is not None
+    async def _writer_connection(self, lane: _Lane) -> Conn:
+        """The lane's connection, kept from batch to batch (a pool acquire and release per
+        batch cost as much node CPU as the batch's own statement)."""
+        conn = lane.conn
+        if conn is None or conn.is_closed():
+            assert self._pool is not None
+            conn = lane.conn = await self._pool.acquire(timeout=self.command_timeout)
+        return conn
+
+    async def _drop_writer_connection(self, lane: _Lane, *, broken: bool) -> None:
+        conn, lane.conn = lane.conn, None
+        if conn is None or self._pool is None:
+            return
+        if broken:
+            conn.terminate()  # the pool opens a new one when it is next needed
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self._pool.release(conn, timeout=self.command_timeout)
+
+    async def _run_batch(
+        self, lane: _Lane, jobs: list[w.Job], skip_locked: bool = False
+    ) -> list[w.Result]:
+        """The batch's results in order; with ``skip_locked`` an append whose conversation
+        another transaction holds gets :data:`LOCKED` (a batch mixing appends with other
+        writes waits for its locks)."""
         for attempt in range(RACE_RETRIES + 1):
             try:
-                async with self._pool.acquire(timeout=self.command_timeout) as conn:
-                    appends = [job for job in jobs if isinstance(job, w.Append)]
-                    if len(appends) == len(jobs):
-                        # One statement: its own transaction, one round trip.
-                        return list(await self._append_many(conn, appends))
-                    async with conn.transaction():
-                        return await self._apply(conn, jobs)
+                conn = await self._writer_connection(lane)
+                appends = [job for job in jobs if isinstance(job, w.Append)]
+                if len(appends) == len(jobs):
+                    # One statement: its own transaction, one round trip.
+                    return list(await self._append_many(conn, appends, skip_locked))
+                async with conn.transaction():
+                    return await self._apply(conn, jobs)
             except RACE_ERRORS as exc:
                 if attempt == RACE_RETRIES:
                     log.warning("batch of %d lost %d races: %s", len(jobs), attempt + 1, exc)
@@ -359,11 +406,12 @@ class PostgresStore(MessageStore):
                 await asyncio.sleep(0.001 * (attempt + 1))
             except CONNECTION_ERRORS as exc:
                 log.error("batch of %d failed: %s", len(jobs), exc)
+                await self._drop_writer_connection(lane, broken=True)
                 return [w.Failed(code="store_unavailable", message=UNKNOWN_OUTCOME)] * len(jobs)
             except asyncpg.PostgresError as exc:
                 if len(jobs) > 1:  # one bad job must fail alone
                     log.warning("batch of %d failed (%s): retrying one by one", len(jobs), exc)
-                    return [(await self._run_batch([job]))[0] for job in jobs]
+                    return [(await self._run_batch(lane, [job], skip_locked))[0] for job in jobs]
                 return [w.Failed(code="store_unavailable", message=f"store error: {exc}")]
         return [w.Failed(code="store_unavailable", message="write conflict: retry")] * len(jobs)
 
@@ -404,7 +452,9 @@ class PostgresStore(MessageStore):
             await flush()
         return results  # type: ignore[return-value]
 
-    async def _append_many(self, conn: Conn, jobs: list[w.Append]) -> list[w.Stored | w.Failed]:
+    async def _append_many(
+        self, conn: Conn, jobs: list[w.Append], skip_locked: bool = False
+    ) -> list[w.Stored | w.Failed]:
         """Store a batch of appends with one call of ``kefu_append`` (migration 0002: one
         round trip; see the function for the rules). A key repeated within the batch is
         sent once; its repeats take its result as duplicates."""
@@ -432,6 +482,7 @@ class PostgresStore(MessageStore):
             [j.expect_agent for j in sent],
             [ids.new_id() for _ in sent],
             ids.now_ms(),
+            skip_locked,
         )
         results = iter([_append_result(job, row) for job, row in zip(sent, rows, strict=True)])
         out: list[w.Stored | w.Failed] = []

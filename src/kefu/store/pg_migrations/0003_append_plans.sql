@@ -1,12 +1,29 @@
--- Kefu on PostgreSQL, schema 3: kefu_append keeps one plan, linear in the batch.
+-- Kefu on PostgreSQL, schema 3: kefu_append keeps one plan, linear in the batch, and can
+-- leave a conversation another writer holds for the caller's next batch.
 --
--- Nodes open their connections with plan_cache_mode = force_custom_plan (the store's
--- one-off statements are planned for the values they get). For kefu_append that meant
--- planning its CTE of six parts on every call: about a quarter of the database's CPU per
--- stored message. Its plan now is made once per connection (and again whenever ANALYZE
--- changes the tables' statistics), and is written so that no estimate can make it slow:
+-- kefu_append(..., j_ts, j_skip_locked) takes the arrays of schema 2 and one flag:
 --
--- * every row it reads is found by a key, through LATERAL subqueries that run once per
+--   j_skip_locked false  as schema 2: lock every conversation of the batch, in id order,
+--                        waiting for other writers' transactions to end
+--   j_skip_locked true   lock only what no other transaction holds now, and answer
+--                        'locked' (nothing stored, no seq used) for the jobs of the others:
+--                        the caller runs them again in its next batch. Two nodes both
+--                        writing batches that span many conversations (the agent and the
+--                        customer of a conversation on different nodes) otherwise queue
+--                        every batch behind the other's fsync: a lock convoy in which the
+--                        cluster commits one batch at a time.
+--
+-- The 11-argument kefu_append of schema 2 stays (nodes of schema 2 call it during a
+-- rolling upgrade); it is this one with j_skip_locked false.
+--
+-- Plans: nodes open their connections with plan_cache_mode = force_custom_plan (the
+-- store's one-off statements are planned for the values they get). For kefu_append that
+-- meant planning its CTE of six parts on every call: about a quarter of the database's
+-- CPU per stored message. Its plan now is made once per connection (and again whenever
+-- ANALYZE changes the tables' statistics), and is written so that no estimate can make it
+-- slow:
+--
+-- * every row it reads it finds by a key, through LATERAL subqueries that run once per
 --   job (OFFSET 0 keeps the planner from turning them into joins): a resend by the
 --   idempotency index, the conversation by its primary key. Left to its estimates (a
 --   generic plan sees a batch of 10) the planner chose hash joins over sequential scans of
@@ -15,8 +32,8 @@
 -- * no CTE is joined to another (a generic plan joins them with nested loops, quadratic in
 --   a batch of up to 1,000): the seqs come from a running count over the batch.
 --
--- The rules are those of schema 2 (0002_append_function.sql), unchanged.
-CREATE OR REPLACE FUNCTION kefu_append(
+-- The other rules are those of schema 2 (0002_append_function.sql).
+CREATE FUNCTION kefu_append(
     j_conv TEXT[],
     j_sender TEXT[],
     j_role TEXT[],
@@ -27,7 +44,8 @@ CREATE OR REPLACE FUNCTION kefu_append(
     j_expect_state TEXT[],
     j_expect_agent TEXT[],
     j_msg_id TEXT[],
-    j_ts BIGINT
+    j_ts BIGINT,
+    j_skip_locked BOOLEAN
 ) RETURNS TABLE (
     k BIGINT,
     outcome TEXT,
@@ -45,7 +63,12 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM 1 FROM conversations c WHERE c.id = ANY(j_conv) ORDER BY c.id FOR UPDATE;
+    IF NOT j_skip_locked THEN
+        PERFORM 1 FROM conversations c WHERE c.id = ANY(j_conv) ORDER BY c.id FOR UPDATE;
+    END IF;
+    -- Each job locks its conversation (again: a lock this transaction holds is granted at
+    -- once) and skips it when another transaction holds it. A row locked here is read as
+    -- its newest committed version, whatever this statement's snapshot.
     RETURN QUERY
     WITH verdict AS (
         SELECT
@@ -62,7 +85,8 @@ BEGIN
             e.visibility AS e_vis,
             CASE
                 WHEN e.seq IS NOT NULL THEN 'duplicate'
-                WHEN c.id IS NULL THEN 'not_found'
+                WHEN c.id IS NULL AND x.id IS NULL THEN 'not_found'
+                WHEN c.id IS NULL THEN 'locked'
                 WHEN j.expect_state IS NOT NULL
                      AND (c.state IS DISTINCT FROM j.expect_state
                           OR c.agent_id IS DISTINCT FROM j.expect_agent) THEN 'stale'
@@ -85,8 +109,11 @@ BEGIN
             SELECT c.id, c.last_seq, c.state, c.agent_id
             FROM conversations c
             WHERE c.id = j.conv
-            OFFSET 0
+            FOR UPDATE SKIP LOCKED
         ) c ON true
+        LEFT JOIN LATERAL (  -- whether a conversation skipped above exists at all
+            SELECT x.id FROM conversations x WHERE c.id IS NULL AND x.id = j.conv OFFSET 0
+        ) x ON true
     ),
     numbered AS (
         -- a stored job's seq: last_seq plus the stored jobs of its conversation up to it
@@ -130,4 +157,37 @@ BEGIN
     FROM numbered v
     ORDER BY v.n;
 END;
+$$;
+
+
+-- Schema 2's signature, for nodes of schema 2: waits for the locks, as it did.
+CREATE OR REPLACE FUNCTION kefu_append(
+    j_conv TEXT[],
+    j_sender TEXT[],
+    j_role TEXT[],
+    j_cmid TEXT[],
+    j_type TEXT[],
+    j_body BYTEA[],
+    j_visibility TEXT[],
+    j_expect_state TEXT[],
+    j_expect_agent TEXT[],
+    j_msg_id TEXT[],
+    j_ts BIGINT
+) RETURNS TABLE (
+    k BIGINT,
+    outcome TEXT,
+    seq BIGINT,
+    msg_id TEXT,
+    sender_role TEXT,
+    type TEXT,
+    body BYTEA,
+    ts BIGINT,
+    visibility TEXT,
+    cur_state TEXT,
+    cur_agent TEXT
+) LANGUAGE sql AS $$
+    SELECT * FROM kefu_append(
+        j_conv, j_sender, j_role, j_cmid, j_type, j_body, j_visibility, j_expect_state,
+        j_expect_agent, j_msg_id, j_ts, false
+    )
 $$;
