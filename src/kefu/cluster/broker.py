@@ -7,7 +7,8 @@ distinct user) and publishes **one** message to each node that holds at least on
 (``PUBLISH`` on a standalone Redis, sharded ``SPUBLISH`` on Redis Cluster, so a node's
 channel lives on one shard and no other node receives it). A publish carries every frame
 of the round for that node. A user with no live connection anywhere gets chat messages
-in their offline inbox (a capped LIST), drained into their next connection.
+in their offline inbox (a capped LIST), drained into their next connection. Under load a
+round trip carries the publishes of one round and the lookups of the next.
 
 Each node subscribes to its own channel only. When that subscription breaks (Redis
 restarted or failed over) the node resubscribes with jittered backoff, writes its presence
@@ -330,25 +331,38 @@ class RedisBroker(Broker):
         self._wake.set()
 
     async def _publish_loop(self) -> None:
+        """Rounds of one round trip each: the publishes of the frames looked up in the
+        previous round go out with the lookups of the frames queued since."""
+        looked: tuple[list[_Outgoing], dict[str, list[str]]] | None = None
         while not self._closing:
-            await self._wake.wait()
-            if self._closing:
-                return
-            self._wake.clear()
-            while self._outbox:
-                batch = self._outbox[:ROUND_FRAMES]
-                del self._outbox[:ROUND_FRAMES]
-                try:
-                    await self._publish(batch)
-                except Exception as exc:  # Redis errors, and a bug must not stop delivery
-                    tasks.stop_if_cancelled()
-                    # Those pushes are lost; the frames are stored and clients sync.
-                    self.metrics.cluster_errors.labels(operation="publish").inc()
-                    log.warning("publish of %d frames failed: %r", len(batch), exc)
+            if not self._outbox and looked is None:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = self._outbox[:ROUND_FRAMES]
+            del self._outbox[:ROUND_FRAMES]
+            commands, publishes = self._route(*looked) if looked is not None else ([], {})
+            sent, looked = len(commands), None
+            users = sorted({u for item in batch for u in item.users})
+            commands += self.presence.lookup_commands(users)
+            try:
+                replies = await self.fast.run(commands)
+            except Exception as exc:  # Redis errors, and a bug must not stop delivery
+                tasks.stop_if_cancelled()
+                # Those pushes are lost; the frames are stored and clients sync.
+                self.metrics.cluster_errors.labels(operation="publish").inc()
+                log.warning("delivery round of %d commands failed: %r", len(commands), exc)
+                continue
+            self._published(publishes)
+            if batch:
+                looked = batch, self.presence.holders(users, replies[sent:])
 
-    async def _publish(self, batch: list[_Outgoing]) -> None:
-        users = {u for item in batch for u in item.users}
-        where = await self.presence.lookup(users)
+    def _route(
+        self, batch: list[_Outgoing], where: dict[str, list[str]]
+    ) -> tuple[list[tuple[str, Command]], dict[str, int]]:
+        """The commands that deliver ``batch`` given its users' holders: one publish per
+        node that holds a recipient, inbox entries for users connected nowhere; and the
+        pushes counted per path for :meth:`_published`."""
         live = self.membership.is_live
         per_node: dict[str, list[Envelope]] = {}
         inbox: list[tuple[str, bytes]] = []
@@ -366,8 +380,6 @@ class RedisBroker(Broker):
                 per_node.setdefault(node, []).append(
                     Envelope(sorted(set(node_users)), item.data, item.ephemeral, item.received)
                 )
-        if not per_node and not inbox:
-            return
         publish = "SPUBLISH" if self.cluster else "PUBLISH"
         commands: list[tuple[str, Command]] = []
         for node, envelopes in per_node.items():
@@ -380,11 +392,19 @@ class RedisBroker(Broker):
             commands.append((key, ("PEXPIRE", key, INBOX_TTL_MS)))
         self.metrics.cluster_commands.labels("publish").inc(len(per_node))
         self.metrics.cluster_commands.labels("inbox").inc(3 * len(inbox))
-        await self.fast.run(commands)
-        self.metrics.cluster_publishes.inc(len(per_node))
-        self.metrics.cluster_deliveries.labels("remote").inc(sum(len(e) for e in per_node.values()))
-        if inbox:
-            self.metrics.cluster_deliveries.labels("inbox").inc(len(inbox))
+        counts = {
+            "publishes": len(per_node),
+            "remote": sum(len(e) for e in per_node.values()),
+            "inbox": len(inbox),
+        }
+        return commands, counts
+
+    def _published(self, counts: dict[str, int]) -> None:
+        if counts.get("publishes"):
+            self.metrics.cluster_publishes.inc(counts["publishes"])
+            self.metrics.cluster_deliveries.labels("remote").inc(counts["remote"])
+        if counts.get("inbox"):
+            self.metrics.cluster_deliveries.labels("inbox").inc(counts["inbox"])
 
     # -- receiving ------------------------------------------------------------------------
 

@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from kefu import tasks
 from kefu.cluster import redis_client as rc
 from kefu.cluster.fastpath import FastPath
+from kefu.cluster.resp import Command
 from kefu.hub import Hub
 from kefu.metrics import Metrics
 
@@ -107,11 +109,19 @@ class Presence:
     async def lookup(self, user_ids: Iterable[str]) -> dict[str, list[str]]:
         """The incarnations holding each user's connections (possibly dead ones)."""
         users = list(user_ids)
-        keys = [rc.presence(user) for user in users]
+        return self.holders(users, await self.fast.run(self.lookup_commands(users)))
+
+    def lookup_commands(self, users: list[str]) -> list[tuple[str, Command]]:
+        """The commands that look ``users`` up (for :meth:`holders`), to send along with
+        others in one round trip."""
         self.metrics.cluster_commands.labels("lookup").inc(len(users))
-        found = await self.fast.run([(key, ("HVALS", key)) for key in keys])
+        return [(key, ("HVALS", key)) for key in map(rc.presence, users)]
+
+    @staticmethod
+    def holders(users: list[str], replies: list[Any]) -> dict[str, list[str]]:
+        """What :meth:`lookup_commands` found: each user's incarnations."""
         return {
-            user: [v.decode() for v in values] for user, values in zip(users, found, strict=True)
+            user: [v.decode() for v in values] for user, values in zip(users, replies, strict=True)
         }
 
     async def purge(self, member: str) -> None:
