@@ -1268,8 +1268,8 @@ def cluster_markdown(results: ClusterResults, notes: Sequence[str] = ()) -> str:
         "the nodes: connection 2p (the agent) goes to node 2p mod N and 2p + 1 (its customer) "
         "to the next node, so **every message is acked by the sender's node and pushed to "
         "the recipient by another node through Redis**. Both ends of a pair live in one "
-        "generator process (one clock); generator as in the single-node run (open loop, "
-        "paced every 2 ms, 100-character texts).",
+        "generator process (one clock); generator as in the single-node run (its own "
+        "minimal WebSocket client, open loop, paced every 2 ms, 100-character texts).",
         "- **Latency**: end-to-end is the sender's send to the recipient's receive of the "
         "push (`perf_counter`, one process).",
         f"- **Ladder**: steps of {o.step_seconds:g} s "

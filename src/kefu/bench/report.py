@@ -309,7 +309,9 @@ def markdown(results: LocalResults, notes: str = "", desk: str = "") -> str:
         "## Method",
         "",
         "- **Load generator**: `kefu.bench`, separate processes (multiprocessing, "
-        "spawned), each with its own uvloop event loop and aiohttp client WebSockets; "
+        "spawned), each with its own uvloop event loop and the minimal WebSocket client "
+        "`kefu.bench.wsclient` (frames parsed in a protocol callback, one write per send; "
+        "aiohttp's client when the run offers permessage-deflate); "
         f"{opts.workers or 'about 5,000 sockets per'} worker{'s' if opts.workers else ''}. "
         "Sockets are bound to source addresses 127.0.0.2, 127.0.0.3, ... round-robin "
         "(each address has its own ~28k ephemeral ports). Only loopback is used.",
