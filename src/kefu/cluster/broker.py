@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
@@ -104,6 +105,17 @@ class _Outgoing(msgspec.Struct, array_like=True):
     ephemeral: bool
     received: float
     offline: bool
+
+
+class _Pushes(NamedTuple):
+    """What a delivery round's publishes carry: publishes, pushes in them, inbox entries."""
+
+    publishes: int
+    remote: int
+    inbox: int
+
+
+_NO_PUSHES = _Pushes(0, 0, 0)
 
 
 class RedisBroker(Broker):
@@ -341,25 +353,26 @@ class RedisBroker(Broker):
                 continue
             batch = self._outbox[:ROUND_FRAMES]
             del self._outbox[:ROUND_FRAMES]
-            commands, publishes = self._route(*looked) if looked is not None else ([], {})
-            sent, looked = len(commands), None
-            users = sorted({u for item in batch for u in item.users})
-            commands += self.presence.lookup_commands(users)
+            to_route, looked = looked, None
             try:
+                commands, counts = self._route(*to_route) if to_route else ([], _NO_PUSHES)
+                sent = len(commands)
+                users = sorted({u for item in batch for u in item.users})
+                commands += self.presence.lookup_commands(users)
                 replies = await self.fast.run(commands)
             except Exception as exc:  # Redis errors, and a bug must not stop delivery
                 tasks.stop_if_cancelled()
                 # Those pushes are lost; the frames are stored and clients sync.
                 self.metrics.cluster_errors.labels(operation="publish").inc()
-                log.warning("delivery round of %d commands failed: %r", len(commands), exc)
+                log.warning("a delivery round failed: %r", exc)
                 continue
-            self._published(publishes)
+            self._published(counts)
             if batch:
                 looked = batch, self.presence.holders(users, replies[sent:])
 
     def _route(
         self, batch: list[_Outgoing], where: dict[str, list[str]]
-    ) -> tuple[list[tuple[str, Command]], dict[str, int]]:
+    ) -> tuple[list[tuple[str, Command]], _Pushes]:
         """The commands that deliver ``batch`` given its users' holders: one publish per
         node that holds a recipient, inbox entries for users connected nowhere; and the
         pushes counted per path for :meth:`_published`."""
@@ -392,19 +405,15 @@ class RedisBroker(Broker):
             commands.append((key, ("PEXPIRE", key, INBOX_TTL_MS)))
         self.metrics.cluster_commands.labels("publish").inc(len(per_node))
         self.metrics.cluster_commands.labels("inbox").inc(3 * len(inbox))
-        counts = {
-            "publishes": len(per_node),
-            "remote": sum(len(e) for e in per_node.values()),
-            "inbox": len(inbox),
-        }
-        return commands, counts
+        remote = sum(len(e) for e in per_node.values())
+        return commands, _Pushes(len(per_node), remote, len(inbox))
 
-    def _published(self, counts: dict[str, int]) -> None:
-        if counts.get("publishes"):
-            self.metrics.cluster_publishes.inc(counts["publishes"])
-            self.metrics.cluster_deliveries.labels("remote").inc(counts["remote"])
-        if counts.get("inbox"):
-            self.metrics.cluster_deliveries.labels("inbox").inc(counts["inbox"])
+    def _published(self, pushes: _Pushes) -> None:
+        if pushes.publishes:
+            self.metrics.cluster_publishes.inc(pushes.publishes)
+            self.metrics.cluster_deliveries.labels("remote").inc(pushes.remote)
+        if pushes.inbox:
+            self.metrics.cluster_deliveries.labels("inbox").inc(pushes.inbox)
 
     # -- receiving ------------------------------------------------------------------------
 

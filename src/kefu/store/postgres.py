@@ -15,6 +15,12 @@ every commit costs PostgreSQL a few hundred µs of CPU whatever its size, and on
 machine the CPU so saved shortens every other wait. An idle node commits a lone write at
 once.
 
+A batch of appends does not wait for conversations another node's transaction holds (the
+agent and the customer of a conversation are often on two nodes, and two batches that each
+span many conversations would otherwise commit one after the other): their writes come
+back ``locked`` and go first into the next batch, in order, and a write that found its
+conversation locked ``LOCKED_TRIES`` times goes into a batch that waits for the lock.
+
 One node keeps the order of its own submissions (the call fixes the order, as the
 interface says) because a single task runs its transactions one after another. A batch
 that loses a race with another node (a deadlock, or a resend committed there first) is run
