@@ -449,3 +449,35 @@ async def test_sends_decided_again_keep_the_order_they_were_sent_in(
     assert sample(n1, "kefu_stale_sends_total") >= 1
     for client in (agent, customer):
         await client.close()
+
+
+async def test_a_burst_reaches_the_other_node_in_seq_order_each_message_once(
+    start_nodes: StartNodes, connect_to: Connect
+) -> None:
+    """Many sends at once from both ends: the delivery rounds overlap (one round's
+    publishes travel with the next round's lookups), and each side still gets the other's
+    messages once each, in seq order."""
+    n0, n1 = await start_nodes(2, rate_per_second=1000.0, rate_burst=1000)
+    customer = await connect_to(n0, "cust-b", "customer")
+    agent = await connect_to(n1, "agent-b", "agent")
+    conv = await open_conversation(agent, "cust-b")
+    assert (await customer.recv_op("conversation"))["conversation"]["conv"] == conv
+    count = 150
+    for n in range(1, count + 1):
+        await (customer if n % 2 else agent).send(send(conv, n))
+
+    async def pushes(client: RawClient, sender: str) -> list[int]:
+        seqs: list[int] = []
+        while len(seqs) < count // 2:
+            frame = await client.recv_op("message")
+            if frame["sender"] == sender:
+                seqs.append(frame["seq"])
+        return seqs
+
+    to_agent, to_customer = await asyncio.gather(
+        pushes(agent, "cust-b"), pushes(customer, "agent-b")
+    )
+    for seqs in (to_agent, to_customer):
+        assert seqs == sorted(set(seqs)) and len(seqs) == count // 2, seqs
+    assert sorted(to_agent + to_customer) == list(range(1, count + 1))
+    assert sample(n0, "kefu_cluster_deliveries_total", path="received") >= count // 2
