@@ -170,6 +170,12 @@ async def test_schema_2s_kefu_append_still_stores(postgres_url: str) -> None:
             ("stored", 2),
             ("not_found", None),
         ]
+        first = (await store.messages_after(conv, 0, 1))[0]
+        columns = ("msg_id", "sender_role", "type", "body", "ts", "visibility")
+        assert [rows[0][c] for c in columns] == [
+            first.msg_id, "customer", "text", first.body, first.ts, "all"
+        ]  # fmt: skip
+        assert [rows[1][c] for c in columns] == ["m2", "customer", "text", b"{}", 5, "all"]
     finally:
         await conn.close()
         await store.close()

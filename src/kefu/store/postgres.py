@@ -132,10 +132,25 @@ _APPEND = (
 LOCKED = w.Failed(code="locked", message="the conversation is locked by another writer")
 
 
-def _append_result(job: w.Append, row: asyncpg.Record) -> w.Stored | w.Failed:
-    """One row of ``kefu_append`` as the job's result."""
+def _append_result(job: w.Append, msg_id: str, ts: int, row: asyncpg.Record) -> w.Stored | w.Failed:
+    """One row of ``kefu_append`` as the job's result (``msg_id`` and ``ts``: what the job
+    was sent with, a stored message's own)."""
     outcome = row["outcome"]
-    if outcome in ("stored", "duplicate"):
+    if outcome == "stored":
+        return w.Stored(
+            conv=job.conv,
+            seq=row["seq"],
+            msg_id=msg_id,
+            sender=job.sender,
+            sender_role=job.sender_role,
+            client_msg_id=job.client_msg_id,
+            type=job.type,
+            body=job.body,
+            ts=ts,
+            duplicate=False,
+            visibility=job.visibility,
+        )
+    if outcome == "duplicate":  # the message stored earlier, on this node or another
         return w.Stored(
             conv=job.conv,
             seq=row["seq"],
@@ -146,7 +161,7 @@ def _append_result(job: w.Append, row: asyncpg.Record) -> w.Stored | w.Failed:
             type=row["type"],
             body=bytes(row["body"]),
             ts=row["ts"],
-            duplicate=outcome == "duplicate",
+            duplicate=True,
             visibility=row["visibility"],
         )
     if outcome == "locked":
@@ -475,6 +490,7 @@ class PostgresStore(MessageStore):
                     continue
                 first[key] = len(sent)
             sent.append(job)
+        msg_ids, ts = [ids.new_id() for _ in sent], ids.now_ms()
         rows = await conn.fetch(
             _APPEND,
             [j.conv for j in sent],
@@ -486,11 +502,16 @@ class PostgresStore(MessageStore):
             [j.visibility for j in sent],
             [j.expect_state for j in sent],
             [j.expect_agent for j in sent],
-            [ids.new_id() for _ in sent],
-            ids.now_ms(),
+            msg_ids,
+            ts,
             skip_locked,
         )
-        results = iter([_append_result(job, row) for job, row in zip(sent, rows, strict=True)])
+        results = iter(
+            [
+                _append_result(job, msg_id, ts, row)
+                for job, msg_id, row in zip(sent, msg_ids, rows, strict=True)
+            ]
+        )
         out: list[w.Stored | w.Failed] = []
         by_sent: list[w.Stored | w.Failed] = []
         for i in range(len(jobs)):

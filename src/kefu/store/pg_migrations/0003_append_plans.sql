@@ -13,8 +13,11 @@
 --                        every batch behind the other's fsync: a lock convoy in which the
 --                        cluster commits one batch at a time.
 --
+-- Its rows carry msg_id, sender_role, type, body, ts and visibility for a duplicate only
+-- (the message stored earlier): for a stored job the caller knows them, it sent them.
+--
 -- The 11-argument kefu_append of schema 2 stays (nodes of schema 2 call it during a
--- rolling upgrade); it is this one with j_skip_locked false.
+-- rolling upgrade): this one with j_skip_locked false, its rows filled in as schema 2's.
 --
 -- Plans: nodes open their connections with plan_cache_mode = force_custom_plan (the
 -- store's one-off statements are planned for the values they get). For kefu_append that
@@ -146,21 +149,24 @@ BEGIN
         v.n,
         v.result,
         CASE WHEN v.result = 'stored' THEN v.new_seq ELSE v.e_seq END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_msg_id ELSE v.mid END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_role ELSE v.role END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_type ELSE v.mtype END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_body ELSE v.mbody END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_ts ELSE j_ts END,
-        CASE WHEN v.result = 'duplicate' THEN v.e_vis ELSE v.vis END,
-        v.now_state,
-        v.now_agent
+        -- a duplicate's message as stored earlier; NULL for the others (the caller sent
+        -- what a stored job holds: nothing goes back and forth twice)
+        v.e_msg_id,
+        v.e_role,
+        v.e_type,
+        v.e_body,
+        v.e_ts,
+        v.e_vis,
+        CASE WHEN v.result = 'stale' THEN v.now_state END,
+        CASE WHEN v.result = 'stale' THEN v.now_agent END
     FROM numbered v
     ORDER BY v.n;
 END;
 $$;
 
 
--- Schema 2's signature, for nodes of schema 2: waits for the locks, as it did.
+-- Schema 2's signature, for nodes of schema 2: waits for the locks and answers the message
+-- of every stored or duplicate job, as it did.
 CREATE OR REPLACE FUNCTION kefu_append(
     j_conv TEXT[],
     j_sender TEXT[],
@@ -186,8 +192,21 @@ CREATE OR REPLACE FUNCTION kefu_append(
     cur_state TEXT,
     cur_agent TEXT
 ) LANGUAGE sql AS $$
-    SELECT * FROM kefu_append(
+    SELECT
+        r.k,
+        r.outcome,
+        r.seq,
+        COALESCE(r.msg_id, j_msg_id[r.k]),
+        COALESCE(r.sender_role, j_role[r.k]),
+        COALESCE(r.type, j_type[r.k]),
+        COALESCE(r.body, j_body[r.k]),
+        COALESCE(r.ts, j_ts),
+        COALESCE(r.visibility, j_visibility[r.k]),
+        r.cur_state,
+        r.cur_agent
+    FROM kefu_append(
         j_conv, j_sender, j_role, j_cmid, j_type, j_body, j_visibility, j_expect_state,
         j_expect_agent, j_msg_id, j_ts, false
-    )
+    ) AS r
+    ORDER BY r.k
 $$;
