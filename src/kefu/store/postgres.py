@@ -137,19 +137,7 @@ def _append_result(job: w.Append, msg_id: str, ts: int, row: asyncpg.Record) -> 
     was sent with, a stored message's own)."""
     outcome = row["outcome"]
     if outcome == "stored":
-        return w.Stored(
-            conv=job.conv,
-            seq=row["seq"],
-            msg_id=msg_id,
-            sender=job.sender,
-            sender_role=job.sender_role,
-            client_msg_id=job.client_msg_id,
-            type=job.type,
-            body=job.body,
-            ts=ts,
-            duplicate=False,
-            visibility=job.visibility,
-        )
+        return job.stored(row["seq"], msg_id, ts)
     if outcome == "duplicate":  # the message stored earlier, on this node or another
         return w.Stored(
             conv=job.conv,

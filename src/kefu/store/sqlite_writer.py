@@ -71,6 +71,21 @@ class Append(msgspec.Struct, tag="append", tag_field="k", array_like=True):
     expect_state: str | None = None
     expect_agent: str | None = None
 
+    def stored(self, seq: int, msg_id: str, ts: int) -> Stored:
+        """This message, stored under ``seq``, ``msg_id`` and ``ts``."""
+        return Stored(
+            conv=self.conv,
+            seq=seq,
+            msg_id=msg_id,
+            sender=self.sender,
+            sender_role=self.sender_role,
+            client_msg_id=self.client_msg_id,
+            type=self.type,
+            body=self.body,
+            ts=ts,
+            visibility=self.visibility,
+        )
+
 
 class Create(msgspec.Struct, tag="create", tag_field="k", array_like=True):
     id: str
@@ -356,18 +371,7 @@ class BatchWriter:
             if before is not None:
                 out.append(before)
                 continue
-            stored = Stored(
-                conv=job.conv,
-                seq=self._next_seq(job.conv),
-                msg_id=ids.new_id(),
-                sender=job.sender,
-                sender_role=job.sender_role,
-                client_msg_id=job.client_msg_id,
-                type=job.type,
-                body=job.body,
-                ts=now,
-                visibility=job.visibility,
-            )
+            stored = job.stored(self._next_seq(job.conv), ids.new_id(), now)
             if job.client_msg_id is not None:  # a resend later in this same batch
                 existing[key] = msgspec.structs.replace(stored, duplicate=True)
             out.append(stored)
