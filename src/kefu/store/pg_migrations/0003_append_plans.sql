@@ -11,7 +11,10 @@
 --                        writing batches that span many conversations (the agent and the
 --                        customer of a conversation on different nodes) otherwise queue
 --                        every batch behind the other's fsync: a lock convoy in which the
---                        cluster commits one batch at a time.
+--                        cluster commits one batch at a time. The locks are then taken in
+--                        the statement that stores: a resend that another node commits
+--                        while it runs fails it on the idempotency index, and the caller
+--                        runs the batch again (as schema 2 between its two statements).
 --
 -- Its rows carry msg_id, sender_role, type, body, ts and visibility for a duplicate only
 -- (the message stored earlier): for a stored job the caller knows them, it sent them.
