@@ -95,7 +95,7 @@ async def test_a_busy_postgres_writer_waits_its_commit_delay_for_more_writes(
     postgres_url: str,
 ) -> None:
     metrics = Metrics()
-    store = PostgresStore(postgres_url, metrics=metrics, commit_delay=0.3)
+    store = PostgresStore(postgres_url, metrics=metrics, commit_delay=0.6)
     await store.start()
 
     def batches() -> float:
@@ -106,7 +106,7 @@ async def test_a_busy_postgres_writer_waits_its_commit_delay_for_more_writes(
         loop = asyncio.get_running_loop()
         started = loop.time()
         await store.append(msg(conv, 0))  # idle (the last batch was one write): at once
-        assert loop.time() - started < 0.3
+        assert loop.time() - started < 0.6
         await asyncio.gather(store.submit(msg(conv, 1)), store.submit(msg(conv, 2)))
         before = batches()  # busy now: the next write waits for company
         first = store.submit(msg(conv, 3))
