@@ -139,6 +139,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "kefu_event_loop_lag_seconds",
+            "How late a timer due every 0.1 s ran on the node's event loop (seconds): "
+            "time a ready callback waited behind others, a blocking call or the CPU.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.draining = Gauge(
             "kefu_draining",
             "1 while the node is shutting down and refusing new work.",

@@ -21,6 +21,7 @@ from kefu.desk import Desk
 from kefu.errors import CloseCode, ClusterError, ConfigError, StoreError
 from kefu.gateway import Gateway
 from kefu.hub import Hub
+from kefu.loopwatch import watch_loop
 from kefu.metrics import Metrics
 from kefu.protocol import frames as f
 from kefu.routing import MemoryRouting, RoutingBackend
@@ -67,6 +68,7 @@ class Node:
         )
         self.gateway = Gateway(config, metrics=self.metrics, hub=self.hub, service=self.service)
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop_watch: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self._closed = False
@@ -187,7 +189,9 @@ class Node:
         await self.load_cluster_settings()
         await self.webhooks.start()
         await self.desk.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_loop())
+        self._loop_watch = loop.create_task(watch_loop(self.metrics.loop_lag))
 
     async def _sweep_loop(self) -> None:
         period = max(0.05, min(1.0, self.config.timeouts.heartbeat_interval / 4 or 1.0))
@@ -245,10 +249,11 @@ class Node:
             return
         self._closed = True
         await self.drain()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._loop_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.gateway.settle()
         with contextlib.suppress(ClusterError):  # this node's agent connections are gone
             await self.routing.forget_node(self.incarnation, ids.now_ms())
