@@ -419,7 +419,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cluster_options() -> None:
     options = cluster_options(_args())
     assert isinstance(options, cl.ClusterOptions)
-    assert options.nodes == 3 and options.sockets == 6000 and options.target_rate == 10_000
+    assert options.nodes == 3 and options.sockets == 6000 and options.target_rate == 10_500
     quick = cluster_options(_args("--quick", "--set", "pg_pool_max=20"))
     assert isinstance(quick, cl.ClusterOptions)
     assert (

@@ -84,6 +84,10 @@ SECRET = secrets.token_urlsafe(32)
 #: Targets (the issue's): persisted msg/s across nodes, p99 at the latency rate,
 #: concurrent connections.
 THROUGHPUT_TARGET = 10_000.0
+#: The rate the throughput windows offer. A window acks a little less than it offers (the
+#: sends of its last milliseconds are acked in the drain), so showing ">= 10,000 acked/s"
+#: takes an offer above the target: the verdict is on the acked rate, never the offer.
+THROUGHPUT_OFFER = 10_500.0
 CONNECTIONS_TARGET = 150_000
 #: Sockets per source address in capacity mode (each address has ~28k ephemeral ports).
 PER_ADDRESS = 20_000
@@ -573,11 +577,11 @@ class ClusterOptions:
     sockets: int = 6_000
     workers: int | None = None
     text_size: int = 100
-    steps: tuple[float, ...] = (1000, 2000, 3000, 4000, 5000, 6500, 8000, 10000, 13000)
+    steps: tuple[float, ...] = (1000, 2000, 3000, 4000, 5000, 6500, 8000, 9000, 10500, 12000)
     step_seconds: float = 8.0
     drain: float = 5.0
     rate: float = 5_000.0  # the latency target's rate
-    target_rate: float = THROUGHPUT_TARGET
+    target_rate: float = THROUGHPUT_OFFER  # what the throughput windows offer
     windows: int = 3
     window_seconds: float = 10.0
     warmup_seconds: float = 5.0
@@ -1278,7 +1282,9 @@ def cluster_markdown(results: ClusterResults, notes: Sequence[str] = ()) -> str:
         f"{HOLD_SHARE:.0%} acked in the step, nothing unacked {o.drain:g} s after, p99 <= "
         f"{HOLD_P99_MS:.0f} ms). Then {o.windows} windows of {o.window_seconds:g} s at "
         f"{o.rate:,.0f} msg/s (the latency target) and {o.windows} at {o.target_rate:,.0f} "
-        "msg/s (the throughput target); medians reported.",
+        f"msg/s (for the throughput target of {THROUGHPUT_TARGET:,.0f} acked/s: a window acks "
+        "slightly less than it offers, as the acks of its last milliseconds come in the "
+        "drain); medians reported. The throughput verdict is on acked msg/s.",
         "- **Per step** (its window and drain): *nodes CPU* utime+stime of each node "
         "process from /proc; *Redis CPU* `used_cpu_user + used_cpu_sys` from `INFO`; *PG "
         "CPU* the postmaster and its backends from /proc; *bench CPU* the generator; "
