@@ -14,7 +14,7 @@ from kefu.bench import cluster as cl
 from kefu.bench import report
 from kefu.bench.cli import build_parser, cluster_options
 from kefu.bench.desk import StoreFigures
-from kefu.bench.procfs import parse_meminfo_total, pid_list
+from kefu.bench.procfs import SPEED, machine, parse_meminfo_total, pid_list, python_speed
 from kefu.bench.stats import Latency, prom_samples, sample_sum, source_addresses
 from kefu.bench.swarm import Plan, Step
 from tests.services import RedisServer
@@ -175,6 +175,8 @@ def test_procfs_helpers() -> None:
     assert parse_meminfo_total(meminfo) == 100
     assert parse_meminfo_total(meminfo, "MemAvailable") == 40
     assert parse_meminfo_total(meminfo, "SwapTotal") == 0
+    assert 0.0 < python_speed(rounds=1) < 60.0
+    assert float(machine()[SPEED]) > 0.0
 
 
 def test_loopback_servers_only() -> None:
@@ -239,6 +241,7 @@ def _figures(scale: float = 1.0) -> cl.Figures:
         redis_by_kind={"lookup": 4000 * scale, "publish": 700 * scale, "presence": 0, "inbox": 0},
         cluster_errors=0.0,
         store=StoreFigures(commits=300, jobs=2000, commit_seconds=2.0, assignments=0),
+        cpus=2,
     )
 
 
@@ -284,6 +287,15 @@ def test_cluster_section_renders_targets_and_tables() -> None:
     assert "(5,000 msg/s, the median window)" in cl.cluster_markdown(results)
     assert "no: acks lag (2,000/s acked)" in section and "overloaded 9" in section
     assert "- a note" in section and "stopped by 4,000/s" in section
+    assert (
+        "**At 5,000 msg/s** (the median latency window, p99 600.0 ms): the machine's 2 "
+        "cores were 90% busy (nodes 97% of one core"
+    ) in section
+    assert "Host speed" not in section  # no probe in these results
+    results.machine |= {"python loop (s)": "0.210", "python loop after (s)": "0.250"}
+    assert "a fixed Python loop took 0.210 s before the run and 0.250 s after" in (
+        cl.cluster_markdown(results)
+    )
     text = cl.cluster_text(results)
     assert "Redis calls per delivered message" in text and "NOT met" in text
 
@@ -297,6 +309,12 @@ def test_cluster_step_row_figures() -> None:
     assert cells["store commits/s (msgs each)"] == "75 (6.7)"
     assert cells["nodes CPU (each)"] == "97% (30%/35%/32%)"
     assert cells["other CPU"] == "5%"  # 50% less Redis 5% and PostgreSQL 40%
+    assert cells["idle CPU"] == "20%"  # 2 cores less 100% + 30% + 50%
+    step = _step(1000)
+    step.steal = 0.15
+    assert cl.idle_cores(step, 2) == pytest.approx(0.05)
+    step.server_cpu = step.other_cpu = float("nan")  # unreadable: counted as nothing
+    assert cl.idle_cores(step, 2) == pytest.approx(1.55)
     assert cells["node RSS MiB (each)"] == "68/69/70"
     assert cells["held"] == "yes"
 

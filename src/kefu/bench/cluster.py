@@ -45,7 +45,15 @@ import redis
 
 from kefu.bench.desk import StoreFigures
 from kefu.bench.local import rate_settings
-from kefu.bench.procfs import Pids, cpu_seconds, machine, mem_available_kb, rss_kb
+from kefu.bench.procfs import (
+    SPEED,
+    Pids,
+    cpu_seconds,
+    machine,
+    mem_available_kb,
+    python_speed,
+    rss_kb,
+)
 from kefu.bench.report import (
     CAPACITY_BEGIN,
     CAPACITY_END,
@@ -93,6 +101,9 @@ CONNECTIONS_TARGET = 150_000
 PER_ADDRESS = 20_000
 #: Open files a generator process or a node needs besides its sockets.
 FD_MARGIN = 200
+#: The key of the speed probe run after the throughput run (:func:`procfs.python_speed`).
+SPEED_AFTER = "python loop after (s)"
+
 #: Capacity mode stops before a step when the machine has less memory available.
 MIN_AVAILABLE_KB = 2 * 1024 * 1024
 
@@ -316,6 +327,8 @@ class Figures:
     redis_by_kind: dict[str, float]  # kefu_cluster_redis_commands_total by kind
     cluster_errors: float
     store: StoreFigures
+    #: The machine's CPUs (for its idle share).
+    cpus: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))
 
     @classmethod
     def between(cls, before: Snapshot, after: Snapshot) -> Figures:
@@ -689,6 +702,7 @@ def run_cluster(options: ClusterOptions, progress: Progress) -> ClusterResults:
         if dead:
             raise RuntimeError("nodes died during the run: " + "; ".join(dead))
     results.finished = time.time()
+    results.machine[SPEED_AFTER] = f"{python_speed():.3f}"
     return results
 
 
@@ -1084,6 +1098,7 @@ STEP_HEADERS = (
     "PG CPU",
     "bench CPU",
     "other CPU",
+    "idle CPU",
     "Redis cmd/s",
     "Redis cmd/delivered",
     "PG xact/s",
@@ -1111,6 +1126,7 @@ def step_row(o: Observed) -> list[str]:
         _pct(fig.pg_cpu),
         _pct(s.client_cpu),
         _pct(max(0.0, other)),
+        _pct(idle_cores(s, fig.cpus)),
         _num(fig.redis_rate),
         _num(per(fig.redis_commands, s.delivered_total), 2),
         _num(fig.pg_rate),
@@ -1119,6 +1135,13 @@ def step_row(o: Observed) -> list[str]:
         "/".join(_mib(kb) for kb in fig.node_rss_kb),
         "yes" if not reason else f"no: {reason}",
     ]
+
+
+def idle_cores(step: Step, cpus: int) -> float:
+    """The machine's cores left idle in ``step``: its CPUs less what every process used
+    and what the hypervisor stole (NaN when the machine's figures are missing)."""
+    used = sum(_zero(v) for v in (step.server_cpu, step.client_cpu, step.other_cpu, step.steal))
+    return max(0.0, cpus - used)
 
 
 def _zero(value: float) -> float:
@@ -1222,7 +1245,21 @@ def _about(results: ClusterResults | CapacityResults, command: str) -> str:
         f"Figures from `scripts/bench {command}` (`kefu bench {command}`), run {when}, "
         f"{minutes:.1f} minutes, on {m.get('cpus (nproc)', '?')} cpus "
         f"({m.get('cpu model', '?')}, {m.get('memory', '?')}), Python {m.get('python', '?')}, "
-        f"{versions}. This section is rewritten by that command only; the other modes keep it."
+        f"{versions}.{_speed(m)} This section is rewritten by that command only; the other "
+        "modes keep it."
+    )
+
+
+def _speed(m: dict[str, str]) -> str:
+    """The host's speed around the run, as the probe measured it ("" when not probed)."""
+    before, after = m.get(SPEED), m.get(SPEED_AFTER)
+    if before is None:
+        return ""
+    then = f" and {after} s after" if after is not None else ""
+    return (
+        f" Host speed: a fixed Python loop took {before} s before the run{then} (lower is "
+        "faster; on this shared machine it moves by 2x from one hour to the next, and "
+        "latency with it)."
     )
 
 
@@ -1288,7 +1325,8 @@ def cluster_markdown(results: ClusterResults, notes: Sequence[str] = ()) -> str:
         "- **Per step** (its window and drain): *nodes CPU* utime+stime of each node "
         "process from /proc; *Redis CPU* `used_cpu_user + used_cpu_sys` from `INFO`; *PG "
         "CPU* the postmaster and its backends from /proc; *bench CPU* the generator; "
-        "*other* the rest of the machine (other users: it is shared). *Redis cmd/s* and "
+        "*other* the rest of the machine (the kernel's network work, other users: it is "
+        "shared); *idle* the machine's cores left over. *Redis cmd/s* and "
         "*cmd/delivered*: `INFO` `total_commands_processed` delta over the step, divided by "
         "its seconds and by the pushes the recipients received (in the window and the "
         "drain); *PG xact/s*: `pg_stat_database.xact_commit` delta (reads included; "
@@ -1362,6 +1400,20 @@ def _cluster_notes(results: ClusterResults) -> list[str]:
             f" µs, Redis {_num(_zero(fig.redis_cpu) * fig.seconds / acked * 1e6)} µs, "
             f"PostgreSQL {_num(_zero(fig.pg_cpu) * fig.seconds / acked * 1e6)} µs"
             + (f"; why it did not hold: {why_not(s)}." if why_not(s) else ".")
+        )
+    if results.latency:
+        o = sorted(results.latency, key=lambda x: x.step.e2e.p99)[len(results.latency) // 2]
+        s, fig = o.step, o.figures
+        used = fig.cpus - idle_cores(s, fig.cpus)
+        known = fig.nodes_cpu + _zero(fig.pg_cpu) + s.client_cpu + _zero(fig.redis_cpu)
+        notes.append(
+            f"- **At {_num(results.options.rate)} msg/s** (the median latency window, p99 "
+            f"{_num(s.e2e.p99, 1)} ms): the machine's {fig.cpus} cores were "
+            f"{_pct(used / fig.cpus)} busy (nodes {_pct(fig.nodes_cpu)} of one core, "
+            f"PostgreSQL {_pct(fig.pg_cpu)}, generator {_pct(s.client_cpu)}, Redis "
+            f"{_pct(fig.redis_cpu)}, the rest {_pct(max(0.0, used - known))}):"
+            " a message waits for a CPU at every one of its hops (generator, node, "
+            "PostgreSQL, node, Redis, node, generator), so the tail grows with the busy share."
         )
     return notes
 

@@ -95,8 +95,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: The speed probe's work: this many additions in a Python loop (about 0.1 s).
+SPEED_LOOP = 2_000_000
+
+#: The key of :func:`machine`'s speed figure.
+SPEED = "python loop (s)"
+
+
+def python_speed(rounds: int = 5) -> float:
+    """Seconds a fixed single-threaded Python loop takes, the median of ``rounds``: how
+    fast this host runs Python now. On a shared machine it moves from minute to minute,
+    so figures of two runs compare only at a similar probe."""
+    times = []
+    for _ in range(rounds):
+        started, total = time.perf_counter(), 0
+        for i in range(SPEED_LOOP):
+            total += i
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
 def machine() -> dict[str, str]:
-    """A short description of the machine the figures come from."""
+    """A short description of the machine the figures come from, with its speed now."""
     try:
         mem_kb = parse_meminfo_total((PROC / "meminfo").read_text())
         memory = f"{mem_kb / 1024 / 1024:.1f} GiB"
@@ -108,6 +128,7 @@ def machine() -> dict[str, str]:
         "memory": memory,
         "kernel": platform.release(),
         "python": sys.version.split()[0] + f" ({platform.python_implementation()})",
+        SPEED: f"{python_speed():.3f}",
     }
 
 
