@@ -1139,7 +1139,7 @@ def step_row(o: Observed) -> list[str]:
 
 def idle_cores(step: Step, cpus: int) -> float:
     """The machine's cores left idle in ``step``: its CPUs less what every process used
-    and what the hypervisor stole (NaN when the machine's figures are missing)."""
+    and what the hypervisor stole (a figure that could not be read counts as nothing)."""
     used = sum(_zero(v) for v in (step.server_cpu, step.client_cpu, step.other_cpu, step.steal))
     return max(0.0, cpus - used)
 
@@ -1258,8 +1258,8 @@ def _speed(m: dict[str, str]) -> str:
     then = f" and {after} s after" if after is not None else ""
     return (
         f" Host speed: a fixed Python loop took {before} s before the run{then} (lower is "
-        "faster; on this shared machine it moves by 2x from one hour to the next, and "
-        "latency with it)."
+        "faster; on a shared machine it moves, and latency with it: compare runs only at a "
+        "similar speed)."
     )
 
 
