@@ -287,6 +287,9 @@ def test_cluster_section_renders_targets_and_tables() -> None:
     assert "(5,000 msg/s, the median window)" in cl.cluster_markdown(results)
     assert "no: acks lag (2,000/s acked)" in section and "overloaded 9" in section
     assert "- a note" in section and "stopped by 4,000/s" in section
+    assert "one generator process (one clock; 1 in all)" in section  # 6,000 sockets
+    assert cl.generator_workers(cl.ClusterOptions(sockets=25_000)) == 3
+    assert cl.generator_workers(cl.ClusterOptions(workers=4)) == 4
     assert (
         "**At 5,000 msg/s** (the median latency window, p99 600.0 ms): the machine's 2 "
         "cores were 90% busy (nodes 97% of one core"

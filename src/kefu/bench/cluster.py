@@ -99,6 +99,10 @@ THROUGHPUT_OFFER = 10_500.0
 CONNECTIONS_TARGET = 150_000
 #: Sockets per source address in capacity mode (each address has ~28k ephemeral ports).
 PER_ADDRESS = 20_000
+#: Sockets per generator process in throughput mode. One process drives 6,000 sockets at
+#: 12,000 msg/s on a third of a core; a second one only adds wakeups (5% of a core more
+#: at 10,500 msg/s, and a slower p50, in interleaved runs).
+THROUGHPUT_WORKER_SOCKETS = 10_000
 #: Open files a generator process or a node needs besides its sockets.
 FD_MARGIN = 200
 #: The key of the speed probe run after the throughput run (:func:`procfs.python_speed`).
@@ -669,6 +673,14 @@ def _versions(cluster: LocalCluster) -> dict[str, str]:
     return out
 
 
+def generator_workers(options: ClusterOptions) -> int:
+    """The throughput mode's generator processes: ``--workers``, else one per
+    :data:`THROUGHPUT_WORKER_SOCKETS` sockets."""
+    return options.workers or workers_for(
+        options.sockets, per_worker=THROUGHPUT_WORKER_SOCKETS, minimum=1
+    )
+
+
 def run_cluster(options: ClusterOptions, progress: Progress) -> ClusterResults:
     top = max((*options.steps, options.rate, options.target_rate))
     settings = {"log_level": "WARNING", **rate_settings(top, options.sockets)}
@@ -689,7 +701,7 @@ def run_cluster(options: ClusterOptions, progress: Progress) -> ClusterResults:
             mode="kefu",
             urls=cluster.urls,
             connections=options.sockets,
-            workers=options.workers or workers_for(options.sockets),
+            workers=generator_workers(options),
             secret=SECRET,
             text_size=options.text_size,
             tag=f"c{secrets.token_hex(3)}",
@@ -1309,8 +1321,9 @@ def cluster_markdown(results: ClusterResults, notes: Sequence[str] = ()) -> str:
         "the nodes: connection 2p (the agent) goes to node 2p mod N and 2p + 1 (its customer) "
         "to the next node, so **every message is acked by the sender's node and pushed to "
         "the recipient by another node through Redis**. Both ends of a pair live in one "
-        "generator process (one clock); generator as in the single-node run (its own "
-        "minimal WebSocket client, open loop, paced every 2 ms, 100-character texts).",
+        f"generator process (one clock; {generator_workers(o)} in all); generator as in the "
+        "single-node run (its own minimal WebSocket client, open loop, paced every 2 ms, "
+        "100-character texts).",
         "- **Latency**: end-to-end is the sender's send to the recipient's receive of the "
         "push (`perf_counter`, one process).",
         f"- **Ladder**: steps of {o.step_seconds:g} s "
