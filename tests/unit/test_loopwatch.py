@@ -30,7 +30,7 @@ async def test_a_blocked_loop_is_measured_and_the_watch_stops_when_cancelled() -
     assert sample(registry, "_count") > before
     assert sample(registry, "_sum") >= 0.2
     late = sample(registry, "_count") - sample(registry, "_bucket", {"le": "0.1"})
-    assert late == 1  # one sample saw the stall; the others were on time within 0.1 s
+    assert late >= 1  # the sample that waited out the stall (a busy machine may add more)
     watch.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watch
