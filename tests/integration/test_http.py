@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from kefu.server import Server
@@ -66,3 +68,13 @@ async def test_metrics_track_the_traffic(
     assert float(samples["kefu_store_batch_size_count"]) >= 1
     assert float(samples["kefu_store_commit_seconds_count"]) >= 1
     assert "kefu_ack_latency_seconds_bucket" in text
+
+
+async def test_the_node_watches_its_event_loop(server: Server) -> None:
+    def samples() -> float:
+        registry = server.node.metrics.registry
+        return registry.get_sample_value("kefu_event_loop_lag_seconds_count") or 0.0
+
+    before = samples()
+    await asyncio.sleep(0.35)  # the watch samples every 0.1 s
+    assert samples() >= before + 2
